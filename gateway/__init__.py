@@ -1,0 +1,1 @@
+"""The gateway runtime: configuration, storage, the broker link and the web page."""

@@ -1,0 +1,303 @@
+"""The site file: one YAML document per site, validated loudly, read once.
+
+Every setting can be overridden from the environment with
+``GATEWAY_<SECTION>__<KEY>`` (``GATEWAY_MQTT__PORT=1884``), so a service
+manager, a test or the demo can point the same file at another broker,
+database or port. A bad file raises :class:`ConfigError`, which names the file,
+the line, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError
+
+from rules.schema import CallRule, StrictModel
+from rules.site import Device, Loc, Site, StaffMember, Zone
+
+ENV_PREFIX = "GATEWAY_"
+
+
+class ConfigError(ValueError):
+    """A site file that cannot be used, with where and why."""
+
+    def __init__(self, file: str, problems: list[str]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class SiteInfo(StrictModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str | None = None
+
+
+class GatewayInfo(StrictModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class TLSSettings(StrictModel):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class MQTTSettings(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    """Never written in logs; its repr is ``**********``."""
+
+    password_file: Path | None = None
+    """Read at start-up; preferred to ``password`` so the site file holds no secret."""
+
+    tls: TLSSettings | None = None
+    keepalive: int = Field(15, ge=5, le=3600)
+    """Seconds; the broker declares us offline after 1.5 times this."""
+
+    max_payload: int = Field(4096, ge=256)
+    """Bytes; a device event bigger than this is rejected unread."""
+
+    def resolved_password(self) -> str | None:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return None
+
+
+class DatabaseSettings(StrictModel):
+    path: Path = Path("gateway.db")
+
+
+class WebSettings(StrictModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    """0 picks a free port, useful for tests."""
+
+
+class GatewayConfig(StrictModel):
+    """Everything one gateway needs to run one site."""
+
+    site: SiteInfo
+    gateway: GatewayInfo
+    mqtt: MQTTSettings = MQTTSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    web: WebSettings = WebSettings()
+    zones: tuple[Zone, ...] = ()
+    devices: tuple[Device, ...] = ()
+    staff: tuple[StaffMember, ...] = ()
+    rules: tuple[CallRule, ...] = ()
+
+    def problems(self) -> list[tuple[Loc, str]]:
+        """Cross-references that the field types alone cannot check."""
+        found = self.physical_unchecked().problems()
+        roles = {role for member in self.staff for role in member.roles}
+        staff = {member.id for member in self.staff}
+        names: set[str] = set()
+        for r, rule in enumerate(self.rules):
+            if rule.name in names:
+                found.append(
+                    (("rules", r, "name"), f"rule name {rule.name!r} is used twice")
+                )
+            names.add(rule.name)
+            for lv, level in enumerate(rule.levels):
+                for role in level.roles:
+                    if role not in roles:
+                        found.append(
+                            (
+                                ("rules", r, "levels", lv, "roles"),
+                                f"no staff member has role {role!r}, so nobody "
+                                "would be paged; roles in the file: "
+                                + ", ".join(sorted(roles)),
+                            )
+                        )
+                for member in level.staff:
+                    if member not in staff:
+                        found.append(
+                            (
+                                ("rules", r, "levels", lv, "staff"),
+                                f"staff id {member!r} is not under 'staff:'",
+                            )
+                        )
+        return found
+
+    def physical_unchecked(self) -> Site:
+        return Site.model_construct(
+            zones=self.zones, devices=self.devices, staff=self.staff
+        )
+
+    @property
+    def physical(self) -> Site:
+        return Site(zones=self.zones, devices=self.devices, staff=self.staff)
+
+
+def load_config(
+    path: str | Path, environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Read, override from the environment and validate one site file."""
+    path = Path(path)
+    environ = os.environ if environ is None else environ
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from exc
+
+    data, lines = _parse_yaml(path, text)
+    applied = _apply_env(data, environ)
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(path, error, lines, applied) for error in exc.errors()]
+        raise ConfigError(str(path), problems) from None
+
+    broken = config.problems()
+    if broken:
+        problems = [
+            f"{path}:{_line_of(loc, lines)}: {_field_name(loc)}: {message}"
+            for loc, message in broken
+        ]
+        raise ConfigError(str(path), problems)
+    return config
+
+
+# -- YAML with line numbers ------------------------------------------------------
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[dict[str, Any], dict[Loc, int]]:
+    """Load YAML and remember the line of every key and list item."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(path), [f"{where}: not valid YAML: {problem}"]) from None
+
+    if node is None or not isinstance(node, yaml.MappingNode):
+        raise ConfigError(
+            str(path), [f"{path}:1: expected a mapping with 'site', 'gateway', ..."]
+        )
+    lines: dict[Loc, int] = {}
+    _record_lines(node, (), lines)
+    data = yaml.safe_load(text)
+    return data, lines
+
+
+def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
+    lines[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*loc, key.value)
+            lines[child] = key.start_mark.line + 1
+            _record_lines(value, child, lines)
+            lines[child] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _record_lines(item, (*loc, index), lines)
+
+
+# -- environment overrides -------------------------------------------------------
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[Loc, str]:
+    """Apply GATEWAY_<SECTION>__<KEY> variables; return what was applied."""
+    applied: dict[Loc, str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        loc = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        target = data
+        for part in loc[:-1]:
+            existing = target.get(part)
+            if not isinstance(existing, dict):
+                existing = target[part] = {}
+            target = existing
+        target[loc[-1]] = value
+        applied[loc] = name
+    return applied
+
+
+# -- error messages ----------------------------------------------------------------
+
+
+def _describe(
+    path: Path, error: Any, lines: dict[Loc, int], applied: dict[Loc, str]
+) -> str:
+    loc: Loc = tuple(error["loc"])
+    field = _field_name(loc)
+    if loc in applied:
+        where = f"{path} (environment variable {applied[loc]})"
+    else:
+        where = f"{path}:{_line_of(loc, lines)}"
+
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = f"unknown field {loc[-1]!r}" + _suggestion(loc)
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    elif "input" in error and not isinstance(error["input"], dict | list):
+        message = f"{message} (got {error['input']!r})"
+    return f"{where}: {field}: {message}"
+
+
+def _field_name(loc: Loc) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1:] = [f"{parts[-1]}[{part}]" if parts else f"[{part}]"]
+        else:
+            parts.append(str(part))
+    return ".".join(parts) or "(top level)"
+
+
+def _line_of(loc: Loc, lines: dict[Loc, int]) -> int:
+    # Pydantic may point below what the file contains (a missing key), so
+    # walk up to the nearest location the file does have.
+    for size in range(len(loc), -1, -1):
+        if loc[:size] in lines:
+            return lines[loc[:size]]
+    return 1
+
+
+def _suggestion(loc: Loc) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), model.model_fields, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; expected one of: {', '.join(model.model_fields)}"
+
+
+def _model_at(loc: Loc) -> type[StrictModel] | None:
+    """Find the model class that validates the mapping at ``loc``."""
+    model: Any = GatewayConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _inner_model(annotation: Any) -> type[StrictModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, StrictModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None

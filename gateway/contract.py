@@ -1,0 +1,114 @@
+"""The MQTT contract: topic names and the JSON the gateway publishes.
+
+Everything is QoS 1, and every message carries an id so a consumer can drop
+the duplicates QoS 1 allows. The README documents the same contract; a test
+keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from drivers.mqtt_device import RejectedMessage, decode_json_object
+from gateway.store import alert_record
+from rules.alerts import Alert, Change, Notification
+
+QOS = 1
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one site, built once from its id."""
+
+    site: str
+    gateway: str
+
+    @property
+    def base(self) -> str:
+        return f"facility/{self.site}"
+
+    @property
+    def device_events(self) -> str:
+        return f"{self.base}/devices/+/events"
+
+    @property
+    def commands(self) -> tuple[str, str]:
+        return (f"{self.base}/alerts/+/ack", f"{self.base}/alerts/+/resolve")
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/gateways/{self.gateway}/status"
+
+    def alert(self, alert_id: str) -> str:
+        return f"{self.base}/alerts/{alert_id}"
+
+    def pager(self, target: str) -> str:
+        return f"{self.base}/pagers/{target}"
+
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """Split an incoming topic into (kind, id), or None if it is not ours.
+
+        Kinds: ``event`` (id is the device), ``ack`` and ``resolve`` (id is
+        the alert).
+        """
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[0] != "facility" or parts[1] != self.site:
+            return None
+        if parts[2] == "devices" and parts[4] == "events":
+            return ("event", parts[3])
+        if parts[2] == "alerts" and parts[4] in ("ack", "resolve"):
+            return (parts[4], parts[3])
+        return None
+
+
+def alert_payload(alert: Alert) -> bytes:
+    """The retained state of an alert, as displays and pagers read it."""
+    record = alert_record(alert)
+    record["msg_id"] = f"{alert.id}:{alert.version}"
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def pager_payload(change: Change, note: Notification) -> bytes:
+    """A notification for one pager topic (a person or a role)."""
+    alert = change.alert
+    where = alert.room or alert.device
+    text = {
+        "opened": f"Call in {where}",
+        "escalated": f"Escalated (level {alert.level}): call in {where}",
+        "acknowledged": f"{where}: taken by {alert.acked_by}",
+        "resolved": f"{where}: resolved",
+    }.get(note.reason, f"{where}: {note.reason}")
+    body: dict[str, Any] = {
+        "id": f"{alert.id}:{alert.version}:{note.target}",
+        "alert": alert.id,
+        "target": note.target,
+        "reason": note.reason,
+        "state": alert.state.value,
+        "level": alert.level,
+        "priority": alert.priority,
+        "room": alert.room,
+        "zone": alert.zone,
+        "device": alert.device,
+        "text": text,
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def parse_command(payload: bytes, max_payload: int) -> tuple[str, str | None]:
+    """Read an ack or resolve: ``{"staff": "<staff_id>", "id": "<optional>"}``."""
+    body = decode_json_object(payload, max_payload)
+    staff = body.get("staff")
+    if not isinstance(staff, str) or not staff:
+        raise RejectedMessage(
+            "missing_field", f"'staff' must name the staff id, got {staff!r:.60}"
+        )
+    message_id = body.get("id")
+    if message_id is not None and not isinstance(message_id, str):
+        raise RejectedMessage(
+            "bad_field", f"'id' must be a string, got {message_id!r:.60}"
+        )
+    return staff, message_id

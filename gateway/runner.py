@@ -1,0 +1,64 @@
+"""Running the gateway as a process: signals, the web server, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+from gateway import web
+from gateway.service import Gateway
+
+log = logging.getLogger(__name__)
+
+
+async def run_gateway(gateway: Gateway, *companions: Coroutine[Any, Any, None]) -> None:
+    """Run the gateway, its web page and any companions until SIGINT/SIGTERM.
+
+    Companions (the demo's simulated ward) are cancelled before the gateway
+    stops, so nothing publishes into a closing gateway.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    core = asyncio.create_task(gateway.run(), name="gateway")
+    others = [asyncio.create_task(c, name="companion") for c in companions]
+    site = None
+    settings = gateway.config.web
+    if settings.enabled:
+        site = web.WebServer(gateway, settings.host, settings.port)
+        others.append(asyncio.create_task(site.serve(), name="web"))
+
+    stopper = asyncio.create_task(stop.wait(), name="stop")
+    done, _ = await asyncio.wait(
+        [core, stopper, *others], return_when=asyncio.FIRST_COMPLETED
+    )
+    if stopper in done:
+        log.info("Stopping on signal")
+
+    # Companions first, so nothing publishes into a closing gateway; then the
+    # web server, which finishes its requests; then the gateway itself.
+    if site is not None:
+        site.shutdown()
+    for task in others:
+        if task.get_name() == "companion":
+            task.cancel()
+    for task in others:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    gateway.stop()
+    await core
+    stopper.cancel()
+
+    failed = [
+        task
+        for task in done
+        if task is not stopper and not task.cancelled() and task.exception()
+    ]
+    if failed:
+        raise failed[0].exception()  # type: ignore[misc]

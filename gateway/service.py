@@ -1,0 +1,263 @@
+"""The running gateway: wires the broker, the engine, the store and the web page.
+
+Messages arrive on paho's thread and are only queued there. One task on the
+asyncio loop drains the queue in batches: every message of a batch goes
+through the engine, the whole batch is committed to SQLite in one durable
+transaction, and only then are the resulting alert states published. So a
+display can never see a state that a power cut could take back, and a burst
+of presses costs one disk sync, not one per press.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+
+from drivers.mqtt_device import RejectedMessage, parse_event
+from gateway.config import GatewayConfig
+from gateway.contract import Topics, alert_payload, pager_payload, parse_command
+from gateway.mqtt import MQTTLink
+from gateway.store import Store
+from rules.alerts import Change
+from rules.engine import Engine, EngineError, UnknownAlert
+from rules.events import Event
+
+log = logging.getLogger(__name__)
+transitions_log = logging.getLogger("gateway.alerts")
+
+DEDUP_WINDOW = 10_000
+"""Recent event ids kept to drop QoS 1 redeliveries: a day of a busy ward."""
+
+MAX_BATCH = 500
+"""Messages per transaction; bounds how long one commit holds the loop."""
+
+Message = tuple[str, bytes, bool]
+
+
+class Gateway:
+    """One site's gateway. ``await run()`` until ``stop()``."""
+
+    def __init__(
+        self, config: GatewayConfig, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.topics = Topics(config.site.id, config.gateway.id)
+        self.store = Store(config.database.path)
+        self.engine = Engine(config.physical, config.rules, clock, new_id=_alert_id)
+        self.rejected: Counter[str] = Counter()
+        self.accepted = 0
+        self.started_at = clock()
+
+        self._inbox: list[Message] = []
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._resync = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+        self.link = MQTTLink(
+            config.mqtt,
+            self.topics,
+            client_id=f"gateway-{config.site.id}-{config.gateway.id}",
+            on_message=self._receive,
+            on_connected=self._link_up,
+        )
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the database is open, alerts restored and the loop runs."""
+        return self._ready
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Restore state, connect, and process until :meth:`stop`."""
+        self._loop = asyncio.get_running_loop()
+        self._restore()
+        self.link.start()
+        self._ready.set()
+        try:
+            await self._process_forever()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self.link.stop()
+            self.store.close()
+            log.info("Gateway stopped")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def _restore(self) -> None:
+        alerts = self.store.unresolved_alerts()
+        self.engine.restore(alerts)
+        for event_id in reversed(self.store.recent_event_ids(DEDUP_WINDOW)):
+            self._seen[event_id] = None
+        log.info(
+            "Restored %d unresolved alert(s) from %s",
+            len(self.engine.alerts),
+            self.store.path,
+        )
+        # Escalations that fell due while we were down fire now, marked late.
+        self._commit_and_publish([], self.engine.advance())
+
+    # -- paho thread ---------------------------------------------------------------
+
+    def _receive(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Called on paho's thread: hand the message to the loop, nothing more."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._enqueue, (topic, payload, retain))
+
+    def _link_up(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._request_resync)
+
+    # -- event loop --------------------------------------------------------------------
+
+    def _enqueue(self, message: Message) -> None:
+        self._inbox.append(message)
+        self._wake.set()
+
+    def _request_resync(self) -> None:
+        self._resync = True
+        self._wake.set()
+
+    async def _process_forever(self) -> None:
+        while not self._stopping.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            while self._inbox:
+                batch = self._inbox[:MAX_BATCH]
+                del self._inbox[:MAX_BATCH]
+                self._process(batch)
+                # Let paho's callbacks and the web server run between batches.
+                await asyncio.sleep(0)
+            self._process([])
+            if self._resync:
+                self._resync = False
+                self._publish_all_unresolved()
+            self._schedule_next_timer()
+
+    def _process(self, batch: list[Message]) -> None:
+        events: list[Event] = []
+        changes: list[Change] = []
+        for topic, payload, retain in batch:
+            try:
+                changes.extend(self._handle(topic, payload, retain, events))
+            except (RejectedMessage, EngineError) as exc:
+                self._reject(topic, exc)
+        changes.extend(self.engine.advance())
+        self._commit_and_publish(events, changes)
+
+    def _handle(
+        self, topic: str, payload: bytes, retain: bool, events: list[Event]
+    ) -> list[Change]:
+        route = self.topics.parse(topic)
+        if route is None:
+            raise RejectedMessage("unknown_topic", f"no handler for {topic}")
+        if retain:
+            # A retained message is old state replayed by the broker on
+            # subscribe, never a new press or a new acknowledgement.
+            raise RejectedMessage("retained", "retained messages are not events")
+
+        kind, key = route
+        limit = self.config.mqtt.max_payload
+        if kind == "event":
+            event = parse_event(key, payload, limit)
+            if event.id in self._seen:
+                self.rejected["duplicate"] += 1
+                log.debug("Dropped duplicate event %s", event.id)
+                return []
+            changes = self.engine.on_event(event)
+            self._remember(event.id)
+            events.append(event)
+            self.accepted += 1
+            return changes
+
+        staff, _ = parse_command(payload, limit)
+        if kind == "ack":
+            return self.engine.acknowledge(key, staff, via="pager")
+        return self.engine.resolve(key, staff, via="pager")
+
+    def _reject(self, topic: str, exc: Exception) -> None:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        if isinstance(exc, UnknownAlert):
+            stored = self.store.alert(exc.alert_id)
+            reason = "alert_resolved" if stored else "unknown_alert"
+        self.rejected[reason] += 1
+        log.warning("Rejected message on %s: %s", topic, exc)
+
+    def _remember(self, event_id: str) -> None:
+        self._seen[event_id] = None
+        if len(self._seen) > DEDUP_WINDOW:
+            self._seen.popitem(last=False)
+
+    def _commit_and_publish(self, events: list[Event], changes: list[Change]) -> None:
+        # Commit first: nobody may see a transition a power cut could undo.
+        self.store.record(events, changes)
+        for change in changes:
+            self._publish(change)
+            _log_transition(change)
+
+    def _publish(self, change: Change) -> None:
+        alert = change.alert
+        topic = self.topics.alert(alert.id)
+        self.link.publish(topic, alert_payload(alert), retain=True)
+        if change.kind == "resolved":
+            # Displays saw the final state; clearing the retained copy keeps
+            # late joiners from being shown a closed gap.
+            self.link.publish(topic, b"", retain=True)
+        for note in change.notifications:
+            self.link.publish(
+                self.topics.pager(note.target), pager_payload(change, note)
+            )
+
+    def _publish_all_unresolved(self) -> None:
+        alerts = self.engine.alerts
+        for alert in alerts:
+            self.link.publish(
+                self.topics.alert(alert.id), alert_payload(alert), retain=True
+            )
+        log.info("Published %d unresolved alert(s) after connecting", len(alerts))
+
+    def _schedule_next_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        due = self.engine.due()
+        if due is None or self._loop is None:
+            return
+        delay = max(0.0, due - self.clock())
+        self._timer = self._loop.call_later(delay, self._wake.set)
+
+
+def _alert_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _log_transition(change: Change) -> None:
+    alert = change.alert
+    where = alert.room or alert.device
+    late = " (late)" if alert.late and change.kind == "escalated" else ""
+    by = f" by {change.actor}" if change.actor else ""
+    transitions_log.info(
+        "%-12s %s  %s  level %d  %s%s via %s%s",
+        change.kind.upper(),
+        alert.id,
+        where,
+        alert.level,
+        alert.priority,
+        by,
+        change.via,
+        late,
+    )

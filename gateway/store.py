@@ -1,0 +1,231 @@
+"""SQLite storage: the gateway's system of record.
+
+Alerts, their timelines and the raw events live here, never in the broker:
+Mosquitto's persistence is a periodic snapshot that can be lost or corrupted
+by a power cut, so after a restart this file alone says what is open.
+
+Every batch of changes is one transaction committed with
+``synchronous=FULL``: when :meth:`Store.record` returns, the transitions are
+on disk and survive a power cut, and a burst of events costs one sync, not one
+per event. The schema evolves by numbered migrations (sqlite-utils).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+from rules.alerts import Alert, AlertState, Change
+from rules.events import Event
+
+log = logging.getLogger(__name__)
+
+migrations = Migrations("gateway")
+
+ALERT_COLUMNS = (
+    "id", "rule", "priority", "state", "level", "version", "device", "room",
+    "zone", "event_id", "opened_at", "updated_at", "due_at", "acked_at",
+    "acked_by", "resolved_at", "resolved_by", "resolved_via", "late",
+)  # fmt: skip
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["events"].create(
+        {
+            "id": str, "type": str, "device": str, "ts": float,
+            "received_at": float, "fields": str,
+        },
+        pk="id",
+        not_null={"type", "device", "ts", "received_at"},
+    )  # fmt: skip
+    db["events"].create_index(["received_at"])
+
+    db["alerts"].create(
+        {
+            "id": str, "rule": str, "priority": str, "state": str,
+            "level": int, "version": int, "device": str, "room": str,
+            "zone": str, "event_id": str, "opened_at": float,
+            "updated_at": float, "due_at": float, "acked_at": float,
+            "acked_by": str, "resolved_at": float, "resolved_by": str,
+            "resolved_via": str, "late": int,
+        },
+        pk="id",
+        not_null={"rule", "state", "level", "version", "device", "opened_at"},
+    )  # fmt: skip
+    db["alerts"].create_index(["state"])
+
+    db["alert_history"].create(
+        {
+            "id": int, "alert_id": str, "version": int, "kind": str,
+            "state": str, "level": int, "at": float, "actor": str,
+            "via": str, "late": int,
+        },
+        pk="id",
+        not_null={"alert_id", "version", "kind", "state", "at"},
+    )  # fmt: skip
+    db["alert_history"].create_index(["alert_id", "version"], unique=True)
+
+    # Records waiting to go upstream; written in the same transaction as the
+    # alert's final state so a resolved gap can never miss its credit.
+    db["outbox"].create(
+        {"seq": int, "key": str, "kind": str, "created_at": float, "body": str},
+        pk="seq",
+        not_null={"key", "kind", "created_at", "body"},
+    )
+    db["outbox"].create_index(["key"], unique=True)
+
+
+# Built once from the constant column list above, never from input.
+_UPSERT_ALERT = (
+    f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in ALERT_COLUMNS)}) "
+    "ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ALERT_COLUMNS[1:])
+)
+_INSERT_HISTORY = (
+    "INSERT OR IGNORE INTO alert_history "
+    "(alert_id, version, kind, state, level, at, actor, via, late) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (id, type, device, ts, received_at, fields) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_OUTBOX = (
+    "INSERT OR IGNORE INTO outbox (key, kind, created_at, body) VALUES (?, ?, ?, ?)"
+)
+
+
+class Store:
+    """One SQLite file, opened by one writer: the gateway's event loop."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite_utils.Database(self.path)
+        conn = self.db.conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL syncs the WAL on every commit: a returned commit survives a
+        # power cut, which NORMAL does not promise.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        migrations.apply(self.db)
+        self.commits = 0
+        log.info("Opened database %s", self.path)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes ----------------------------------------------------------------
+
+    def record(self, events: Sequence[Event], changes: Sequence[Change]) -> None:
+        """Commit a batch of accepted events and alert changes, durably."""
+        if not events and not changes:
+            return
+        now = time.time()
+        conn = self.db.conn
+        with self.db.atomic():
+            conn.executemany(_INSERT_EVENT, [_event_row(e, now) for e in events])
+            conn.executemany(_UPSERT_ALERT, [_alert_row(c.alert) for c in changes])
+            conn.executemany(_INSERT_HISTORY, [_history_row(c) for c in changes])
+            conn.executemany(
+                _INSERT_OUTBOX,
+                [_outbox_row(c, now) for c in changes if c.kind == "resolved"],
+            )
+        self.commits += 1
+
+    # -- reads -------------------------------------------------------------------
+
+    def unresolved_alerts(self) -> list[Alert]:
+        rows = self.db.query(
+            "SELECT * FROM alerts WHERE state != ? ORDER BY opened_at",
+            [AlertState.RESOLVED.value],
+        )
+        return [_alert_from_row(row) for row in rows]
+
+    def alert(self, alert_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM alerts WHERE id = ?", [alert_id]))
+        return rows[0] if rows else None
+
+    def recent_alerts(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(
+            self.db.query(
+                "SELECT * FROM alerts ORDER BY updated_at DESC LIMIT ?", [limit]
+            )
+        )
+
+    def history(self, alert_id: str) -> list[dict[str, Any]]:
+        return list(
+            self.db.query(
+                "SELECT * FROM alert_history WHERE alert_id = ? ORDER BY version",
+                [alert_id],
+            )
+        )
+
+    def recent_event_ids(self, limit: int) -> list[str]:
+        rows = self.db.query(
+            "SELECT id FROM events ORDER BY received_at DESC LIMIT ?", [limit]
+        )
+        return [row["id"] for row in rows]
+
+    def integrity_ok(self) -> bool:
+        try:
+            row = self.db.execute("PRAGMA integrity_check").fetchone()
+        except sqlite3.DatabaseError:
+            log.exception("Integrity check of %s failed", self.path)
+            return False
+        return bool(row) and row[0] == "ok"
+
+
+def _event_row(event: Event, received_at: float) -> tuple[Any, ...]:
+    fields = json.dumps(event.fields) if event.fields else None
+    return (event.id, event.type, event.device, event.ts, received_at, fields)
+
+
+def _alert_row(alert: Alert) -> tuple[Any, ...]:
+    values = asdict(alert)
+    values["state"] = alert.state.value
+    values["late"] = int(alert.late)
+    return tuple(values[column] for column in ALERT_COLUMNS)
+
+
+def _history_row(change: Change) -> tuple[Any, ...]:
+    alert = change.alert
+    return (
+        alert.id, alert.version, change.kind, alert.state.value, alert.level,
+        alert.updated_at, change.actor, change.via, int(alert.late),
+    )  # fmt: skip
+
+
+def _outbox_row(change: Change, now: float) -> tuple[Any, ...]:
+    body = alert_record(change.alert)
+    return (f"alert:{change.alert.id}", "alert.resolved", now, json.dumps(body))
+
+
+def alert_record(alert: Alert) -> dict[str, Any]:
+    """The JSON form of an alert, shared by MQTT, the outbox and the web."""
+    record = asdict(alert)
+    record["state"] = alert.state.value
+    return record
+
+
+def _alert_from_row(row: dict[str, Any]) -> Alert:
+    values = {column: row[column] for column in ALERT_COLUMNS}
+    values["state"] = AlertState(values["state"])
+    values["late"] = bool(values["late"])
+    return Alert(**values)
+
+
+def all_rows(store: Store, table: str) -> Iterable[dict[str, Any]]:
+    """Every row of a table, for tests and diagnostics."""
+    return store.db[table].rows

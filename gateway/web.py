@@ -1,0 +1,91 @@
+"""The local web page, served by the gateway itself (FastAPI).
+
+This first version is read-only: a floor view of unresolved alerts, their
+timelines as JSON, and a health check. Configuration pages, sign-in and the
+actions that change alerts come with the login they need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+
+from gateway.store import alert_record
+
+if TYPE_CHECKING:
+    from gateway.service import Gateway
+
+log = logging.getLogger(__name__)
+
+FLOOR_PAGE = Path(__file__).with_name("static") / "floor.html"
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(title="Facility gateway", docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """Liveness for the service manager: database and broker link."""
+        return {
+            "status": "ok" if gateway.link.connected else "degraded",
+            "broker_connected": gateway.link.connected,
+            "open_alerts": len(gateway.engine.alerts),
+            "events_accepted": gateway.accepted,
+            "messages_rejected": dict(gateway.rejected),
+        }
+
+    @app.get("/api/alerts")
+    def open_alerts() -> list[dict[str, Any]]:
+        """Every unresolved alert, highest level first, then oldest."""
+        alerts = sorted(gateway.engine.alerts, key=lambda a: (-a.level, a.opened_at))
+        return [alert_record(alert) for alert in alerts]
+
+    @app.get("/api/alerts/{alert_id}")
+    def alert_detail(alert_id: str) -> dict[str, Any]:
+        row = gateway.store.alert(alert_id)
+        if row is None:
+            raise HTTPException(404, f"no alert with id {alert_id!r}")
+        row["history"] = gateway.store.history(alert_id)
+        return row
+
+    @app.get("/", response_class=HTMLResponse)
+    def floor() -> str:
+        return FLOOR_PAGE.read_text()
+
+    return app
+
+
+class WebServer:
+    """uvicorn on the gateway's own loop, stopped by the gateway, not by signals."""
+
+    def __init__(self, gateway: Gateway, host: str, port: int) -> None:
+        config = uvicorn.Config(
+            create_app(gateway),
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+        )
+        self._server = uvicorn.Server(config)
+        # The gateway owns SIGINT and SIGTERM; uvicorn must not take them over.
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+
+    @property
+    def port(self) -> int | None:
+        """The bound port once started (useful when configured as 0)."""
+        for server in getattr(self._server, "servers", []):
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return None
+
+    async def serve(self) -> None:
+        await self._server.serve()
+
+    def shutdown(self) -> None:
+        self._server.should_exit = True

@@ -1,0 +1,142 @@
+"""Gap alerts: their states, the allowed transitions and what a change carries.
+
+An alert's life, and the only edges the engine will take::
+
+                 call                    no ack within the level's delay
+      (none) ──────────► OPEN ─────────────────────────────► ESCALATED ─┐
+                          │  ▲                                  │   ▲   │ next level
+                          │  └───────── (issue: ack timeout) ───┤   └───┘
+                      ack │                                     │ ack
+                          ▼                                     ▼
+                      ACKNOWLEDGED ◄────────────────────────────┘
+                          │
+     cancel at station,   │ resolve (pager, station, web)
+     resolve from any     ▼
+     open state ───────► RESOLVED   (final: never leaves this state)
+
+A change that does not follow an edge raises :class:`InvalidTransition`, so a
+bug can never leave an alert in an impossible state.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+
+class AlertState(enum.StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    ESCALATED = "escalated"
+    RESOLVED = "resolved"
+
+
+UNRESOLVED = frozenset({AlertState.OPEN, AlertState.ACKNOWLEDGED, AlertState.ESCALATED})
+
+ALLOWED = {
+    AlertState.OPEN: {
+        AlertState.ACKNOWLEDGED,
+        AlertState.ESCALATED,
+        AlertState.RESOLVED,
+    },
+    AlertState.ESCALATED: {
+        AlertState.ESCALATED,
+        AlertState.ACKNOWLEDGED,
+        AlertState.RESOLVED,
+    },
+    AlertState.ACKNOWLEDGED: {AlertState.RESOLVED},
+    AlertState.RESOLVED: set(),
+}
+
+
+class InvalidTransition(ValueError):
+    """An alert was asked to move along an edge its state machine lacks."""
+
+    def __init__(self, alert_id: str, current: str, wanted: str) -> None:
+        self.alert_id = alert_id
+        self.current = current
+        self.wanted = wanted
+        super().__init__(f"alert {alert_id} cannot go from {current} to {wanted}")
+
+
+@dataclass(slots=True)
+class Alert:
+    """One service gap, from the event that opened it to its resolution."""
+
+    id: str
+    rule: str
+    priority: str
+    device: str
+    room: str | None
+    zone: str | None
+    event_id: str
+    """The event that opened the alert."""
+
+    opened_at: float
+    updated_at: float
+    state: AlertState = AlertState.OPEN
+    level: int = 1
+    """Escalation level, 1-based: level 1 is the first people notified."""
+
+    version: int = 1
+    """Bumped on every change, so consumers can drop stale or repeated states."""
+
+    due_at: float | None = None
+    """Wall-clock time of the next escalation, or None when nothing is pending."""
+
+    acked_at: float | None = None
+    acked_by: str | None = None
+    resolved_at: float | None = None
+    resolved_by: str | None = None
+    resolved_via: str | None = None
+    """How it was closed: ``station``, ``pager``, ``web`` or ``presence``."""
+
+    late: bool = False
+    """True when the last escalation fired after its due time (gateway was down)."""
+
+    def snapshot(self) -> Alert:
+        return replace(self)
+
+    def move(self, state: AlertState, at: float) -> None:
+        """Take one edge of the state machine, or raise InvalidTransition."""
+        if state not in ALLOWED[self.state]:
+            raise InvalidTransition(self.id, self.state, state)
+        self.state = state
+        self.updated_at = at
+        self.version += 1
+
+    @property
+    def unresolved(self) -> bool:
+        return self.state in UNRESOLVED
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A message for people: a role's pagers or one staff member's pager."""
+
+    target: str
+    """A staff id or a role name; it becomes the pager topic's last level."""
+
+    alert_id: str
+    level: int
+    reason: str
+    """Why they are told: ``opened``, ``escalated``, ``acknowledged``, ``resolved``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """The result of one transition: the alert after it, and who must hear."""
+
+    alert: Alert
+    """A snapshot taken right after the transition; never mutated later."""
+
+    kind: str
+    """``opened``, ``acknowledged``, ``escalated`` or ``resolved``."""
+
+    actor: str | None = None
+    """Staff id, device id or ``None`` for the engine's own timers."""
+
+    via: str = "timer"
+    """Where it came from: ``station``, ``pager``, ``web`` or ``timer``."""
+
+    notifications: tuple[Notification, ...] = field(default_factory=tuple)
