@@ -37,6 +37,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             "broker_connected": gateway.link.connected,
             "open_alerts": len(gateway.engine.alerts),
             "events_accepted": gateway.accepted,
+            "commits": gateway.store.commits,
             "messages_rejected": dict(gateway.rejected),
         }
 
