@@ -10,6 +10,11 @@ What paho does not do for us, and we do here:
   can wait ~10 ms for an ACK of the previous one.
 * The retained ``online`` status is published on every connect, with a
   retained ``offline`` last will for when we vanish.
+* Incoming messages are acknowledged (PUBACK) only when the gateway says so,
+  after it has committed what they caused. With a persistent session the
+  broker redelivers anything not yet acknowledged, so a gateway killed
+  between receiving a press and committing it sees the press again after a
+  restart, and a press made while the gateway is down waits in the broker.
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ RECONNECT_MAX = 10
 MAX_INFLIGHT = 1000
 """QoS 1 messages awaiting PUBACK; paho's default of 20 throttles a burst."""
 
-MessageHandler = Callable[[str, bytes, bool], None]
+Receipt = tuple[int, int]
+"""(connection number, message id): what :meth:`MQTTLink.ack` needs later."""
+
+MessageHandler = Callable[[str, bytes, bool, Receipt], None]
 
 
 class MQTTLink:
@@ -61,7 +69,8 @@ class MQTTLink:
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv311,
-            clean_session=True,
+            clean_session=False,
+            manual_ack=True,
         )
         client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         client.max_inflight_messages_set(MAX_INFLIGHT)
@@ -115,6 +124,16 @@ class MQTTLink:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def ack(self, receipt: Receipt) -> None:
+        """Acknowledge a message once what it caused is committed.
+
+        Message ids are per connection: a receipt from an earlier connection
+        is dropped, and the broker redelivers that message instead.
+        """
+        connection, mid = receipt
+        if connection == self.connects and self.connected:
+            self._client.ack(mid, QOS)
+
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         """Queue a QoS 1 publish; paho sends it now or on reconnect."""
         info = self._client.publish(topic, payload, qos=QOS, retain=retain)
@@ -165,7 +184,8 @@ class MQTTLink:
     def _handle_message(
         self, client: paho.Client, userdata: object, message: paho.MQTTMessage
     ) -> None:
-        self._on_message(message.topic, message.payload, bool(message.retain))
+        receipt = (self.connects, message.mid)
+        self._on_message(message.topic, message.payload, bool(message.retain), receipt)
 
 
 def _no_delay(client: paho.Client, userdata: object, sock: socket.socket) -> None:

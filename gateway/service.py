@@ -20,7 +20,7 @@ from collections.abc import Callable
 from drivers.mqtt_device import RejectedMessage, parse_event
 from gateway.config import GatewayConfig
 from gateway.contract import Topics, alert_payload, pager_payload, parse_command
-from gateway.mqtt import MQTTLink
+from gateway.mqtt import MQTTLink, Receipt
 from gateway.store import Store
 from rules.alerts import Change
 from rules.engine import Engine, EngineError, UnknownAlert
@@ -35,7 +35,7 @@ DEDUP_WINDOW = 10_000
 MAX_BATCH = 500
 """Messages per transaction; bounds how long one commit holds the loop."""
 
-Message = tuple[str, bytes, bool]
+Message = tuple[str, bytes, bool, Receipt]
 
 
 class Gateway:
@@ -111,11 +111,13 @@ class Gateway:
 
     # -- paho thread ---------------------------------------------------------------
 
-    def _receive(self, topic: str, payload: bytes, retain: bool) -> None:
+    def _receive(
+        self, topic: str, payload: bytes, retain: bool, receipt: Receipt
+    ) -> None:
         """Called on paho's thread: hand the message to the loop, nothing more."""
         loop = self._loop
         if loop is not None:
-            loop.call_soon_threadsafe(self._enqueue, (topic, payload, retain))
+            loop.call_soon_threadsafe(self._enqueue, (topic, payload, retain, receipt))
 
     def _link_up(self) -> None:
         loop = self._loop
@@ -151,13 +153,19 @@ class Gateway:
     def _process(self, batch: list[Message]) -> None:
         events: list[Event] = []
         changes: list[Change] = []
-        for topic, payload, retain in batch:
+        for topic, payload, retain, _ in batch:
             try:
                 changes.extend(self._handle(topic, payload, retain, events))
             except (RejectedMessage, EngineError) as exc:
                 self._reject(topic, exc)
         changes.extend(self.engine.advance())
         self._commit_and_publish(events, changes)
+
+        # Only now may the broker forget these messages. If the commit above
+        # raised, the process stops unacknowledged, and after the restart the
+        # broker redelivers the batch to an engine rebuilt from the database.
+        for *_, receipt in batch:
+            self.link.ack(receipt)
 
     def _handle(
         self, topic: str, payload: bytes, retain: bool, events: list[Event]

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh Debian / Raspberry Pi OS machine, then either
+# run the gateway on a simulated ward or run the whole test suite.
+#
+#   ./run.sh demo [demo options]   the gateway on a simulated ward (Ctrl-C stops)
+#   ./run.sh test [pytest options] lint + the whole test suite
+#
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PYTHON=${PYTHON:-python3}
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Install Debian packages that are missing; apt-get update only if needed.
+apt_install() {
+    local missing=()
+    for package in "$@"; do
+        dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if ! command -v apt-get >/dev/null; then
+        say "Please install these packages with your package manager: ${missing[*]}"
+        exit 1
+    fi
+    say "Installing ${missing[*]} (Debian packages)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+}
+
+need_command() {  # need_command BINARY PACKAGE
+    command -v "$1" >/dev/null 2>&1 || apt_install "$2"
+}
+
+setup_python() {
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        say "Python 3.11 or newer is needed (Raspberry Pi OS Bookworm ships 3.11)"
+        exit 1
+    fi
+    "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "Creating the virtual environment in $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    say "Installing Python packages (pinned in pyproject.toml)"
+    # The build backend is chatty; show its output only when it fails.
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -e ".$1" \
+            >"$VENV/pip.log" 2>&1; then
+        cat "$VENV/pip.log" >&2
+        say "pip install failed; its output is above and in $VENV/pip.log"
+        exit 1
+    fi
+}
+
+case "${1:-}" in
+    demo)
+        shift
+        need_command mosquitto mosquitto
+        need_command mosquitto_passwd mosquitto
+        setup_python ""
+        exec "$VENV/bin/python" main.py demo "$@"
+        ;;
+    test)
+        shift
+        need_command mosquitto mosquitto
+        need_command mosquitto_passwd mosquitto
+        setup_python "[test]"
+        say "Lint (ruff)"
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
+        say "Tests (pytest)"
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: ./run.sh demo|test [options]" >&2
+        exit 2
+        ;;
+esac
