@@ -8,7 +8,9 @@ password file with a random password per user.
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -83,6 +85,9 @@ class PrivateBroker:
             "persistence false\n"
             "max_queued_messages 100000\n"
             f"log_dest file {self.log_file}\n"
+            # Started as root, mosquitto would switch to the 'mosquitto' user,
+            # which cannot read a private temporary folder; keep our own user.
+            + (f"user {getpass.getuser()}\n" if os.geteuid() == 0 else "")
         )
         return config
 
