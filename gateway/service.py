@@ -98,7 +98,16 @@ class Gateway:
 
     def _restore(self) -> None:
         alerts = self.store.unresolved_alerts()
-        self.engine.restore(alerts)
+        for orphan in self.engine.restore(alerts):
+            # Kept in the database, not shown: a technician must re-enable the
+            # rule or close the alert, and must hear about it.
+            log.warning(
+                "Alert %s in %s stays open but unmanaged: its rule %r is no "
+                "longer enabled in the site file",
+                orphan.id,
+                orphan.room or orphan.device,
+                orphan.rule,
+            )
         for event_id in reversed(self.store.recent_event_ids(DEDUP_WINDOW)):
             self._seen[event_id] = None
         log.info(

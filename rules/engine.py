@@ -100,18 +100,24 @@ class Engine:
             heapq.heappop(self._timers)
         return None
 
-    def restore(self, alerts: Iterable[Alert]) -> None:
+    def restore(self, alerts: Iterable[Alert]) -> list[Alert]:
         """Take back unresolved alerts from storage after a restart.
 
         Timers that fell due while the gateway was down fire at the next
-        :meth:`advance`, marked late.
+        :meth:`advance`, marked late. Returns the alerts it could not take
+        back because their rule is gone or disabled, for the caller to report.
         """
+        orphans = []
         for alert in alerts:
-            if not alert.unresolved or alert.rule not in self._rules:
+            if not alert.unresolved:
+                continue
+            if alert.rule not in self._rules:
+                orphans.append(alert)
                 continue
             self._alerts[alert.id] = alert
             self._open_for[(alert.rule, alert.device)] = alert.id
             self._schedule(alert)
+        return orphans
 
     # -- inputs ----------------------------------------------------------------
 
