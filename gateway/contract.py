@@ -79,6 +79,8 @@ def pager_payload(change: Change, note: Notification) -> bytes:
     text = {
         "opened": f"Call in {where}",
         "escalated": f"Escalated (level {alert.level}): call in {where}",
+        "reminded": f"Still waiting: call in {where}",
+        "reopened": f"Not finished in time: call in {where} is open again",
         "acknowledged": f"{where}: taken by {alert.acked_by}",
         "resolved": f"{where}: resolved",
     }.get(note.reason, f"{where}: {note.reason}")

@@ -25,6 +25,7 @@ from gateway.store import Store
 from rules.alerts import Change
 from rules.engine import Engine, EngineError, UnknownAlert
 from rules.events import Event
+from rules.schema import PRIORITY_RANK
 
 log = logging.getLogger(__name__)
 transitions_log = logging.getLogger("gateway.alerts")
@@ -222,6 +223,9 @@ class Gateway:
     def _commit_and_publish(self, events: list[Event], changes: list[Change]) -> None:
         # Commit first: nobody may see a transition a power cut could undo.
         self.store.record(events, changes)
+
+        # Within a batch, the most urgent calls are paged first.
+        changes = sorted(changes, key=_urgency)
         for change in changes:
             self._publish(change)
             _log_transition(change)
@@ -256,6 +260,10 @@ class Gateway:
             return
         delay = max(0.0, due - self.clock())
         self._timer = self._loop.call_later(delay, self._wake.set)
+
+
+def _urgency(change: Change) -> int:
+    return -PRIORITY_RANK.get(change.alert.priority, 0)
 
 
 def _alert_id() -> str:

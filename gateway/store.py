@@ -35,6 +35,7 @@ ALERT_COLUMNS = (
     "id", "rule", "priority", "state", "level", "version", "device", "room",
     "zone", "event_id", "opened_at", "updated_at", "due_at", "acked_at",
     "acked_by", "resolved_at", "resolved_by", "resolved_via", "late",
+    "notified_at", "reminders", "escalation_base",
 )  # fmt: skip
 
 
@@ -86,6 +87,14 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 
 
 # Built once from the constant column list above, never from input.
+@migrations()
+def m002_reminders_and_ack_timeout(db: sqlite_utils.Database) -> None:
+    alerts = db["alerts"]
+    alerts.add_column("notified_at", float)
+    alerts.add_column("reminders", int, not_null_default=0)
+    alerts.add_column("escalation_base", float)
+
+
 _UPSERT_ALERT = (
     f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) "  # noqa: S608
     f"VALUES ({', '.join('?' for _ in ALERT_COLUMNS)}) "

@@ -5,14 +5,17 @@ An alert's life, and the only edges the engine will take::
                  call                    no ack within the level's delay
       (none) ──────────► OPEN ─────────────────────────────► ESCALATED ─┐
                           │  ▲                                  │   ▲   │ next level
-                          │  └───────── (issue: ack timeout) ───┤   └───┘
-                      ack │                                     │ ack
-                          ▼                                     ▼
+                      ack │  │ ack timeout: acknowledged        │   └───┘
+                          │  │ but not resolved in time         │ ack
+                          ▼  │                                  ▼
                       ACKNOWLEDGED ◄────────────────────────────┘
                           │
      cancel at station,   │ resolve (pager, station, web)
      resolve from any     ▼
      open state ───────► RESOLVED   (final: never leaves this state)
+
+A reminder (the same level paged again) is not a transition: the state stays,
+only ``version`` and ``reminders`` move.
 
 A change that does not follow an edge raises :class:`InvalidTransition`, so a
 bug can never leave an alert in an impossible state.
@@ -44,7 +47,7 @@ ALLOWED = {
         AlertState.ACKNOWLEDGED,
         AlertState.RESOLVED,
     },
-    AlertState.ACKNOWLEDGED: {AlertState.RESOLVED},
+    AlertState.ACKNOWLEDGED: {AlertState.OPEN, AlertState.RESOLVED},
     AlertState.RESOLVED: set(),
 }
 
@@ -82,7 +85,17 @@ class Alert:
     """Bumped on every change, so consumers can drop stale or repeated states."""
 
     due_at: float | None = None
-    """Wall-clock time of the next escalation, or None when nothing is pending."""
+    """Wall-clock time of the next timer (escalation, reminder or ack timeout)."""
+
+    notified_at: float | None = None
+    """When the current level was last paged; reminders count from here."""
+
+    reminders: int = 0
+    """How often the current level has been paged again without an answer."""
+
+    escalation_base: float | None = None
+    """The time level delays count from: the opening, or the reopening after
+    an acknowledgement timed out, shifted so the current level keeps its place."""
 
     acked_at: float | None = None
     acked_by: str | None = None
@@ -105,6 +118,13 @@ class Alert:
         self.updated_at = at
         self.version += 1
 
+    def touch(self, at: float) -> None:
+        """Record a change that is not a transition, such as a reminder."""
+        if not self.unresolved:
+            raise InvalidTransition(self.id, self.state, self.state)
+        self.updated_at = at
+        self.version += 1
+
     @property
     def unresolved(self) -> bool:
         return self.state in UNRESOLVED
@@ -120,7 +140,8 @@ class Notification:
     alert_id: str
     level: int
     reason: str
-    """Why they are told: ``opened``, ``escalated``, ``acknowledged``, ``resolved``."""
+    """Why they are told: ``opened``, ``escalated``, ``reminded``, ``reopened``,
+    ``acknowledged`` or ``resolved``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +152,8 @@ class Change:
     """A snapshot taken right after the transition; never mutated later."""
 
     kind: str
-    """``opened``, ``acknowledged``, ``escalated`` or ``resolved``."""
+    """``opened``, ``acknowledged``, ``escalated``, ``reminded``, ``reopened``
+    or ``resolved``."""
 
     actor: str | None = None
     """Staff id, device id or ``None`` for the engine's own timers."""

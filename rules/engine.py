@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from rules.alerts import Alert, AlertState, Change, Notification
 from rules.events import Event
@@ -46,6 +47,18 @@ class UnknownStaff(EngineError):
     def __init__(self, staff: str) -> None:
         self.staff = staff
         super().__init__(f"staff id {staff!r} is not in the site file")
+
+
+class StationOnly(EngineError):
+    """An emergency or code call may be cancelled only at its own station."""
+
+    def __init__(self, alert_id: str, priority: str) -> None:
+        self.alert_id = alert_id
+        self.priority = priority
+        super().__init__(
+            f"alert {alert_id} is a {priority} call: it can be cancelled only "
+            "at its own station, by someone at the bedside"
+        )
 
 
 def counter_ids(prefix: str = "a") -> Callable[[], str]:
@@ -145,14 +158,19 @@ class Engine:
         alert.move(AlertState.ACKNOWLEDGED, now)
         alert.acked_at = now
         alert.acked_by = staff
-        alert.due_at = None
+        self._reschedule(alert)
         return [self._change(alert, "acknowledged", staff, via)]
 
     def resolve(self, alert_id: str, staff: str | None, via: str) -> list[Change]:
-        """Close the alert for good, naming who closed it and how."""
+        """Close the alert for good, naming who closed it and how.
+
+        Emergency and code calls refuse this: only their station cancels them.
+        """
         alert = self._unresolved(alert_id)
         if staff is not None:
             self._known_staff(staff)
+        if self._rules[alert.rule].station_only:
+            raise StationOnly(alert.id, alert.priority)
         return [self._close(alert, staff, via)]
 
     def advance(self, now: float | None = None) -> list[Change]:
@@ -162,7 +180,7 @@ class Engine:
         while (due_at := self.due()) is not None and due_at <= now:
             _, alert_id, _ = heapq.heappop(self._timers)
             alert = self._alerts[alert_id]
-            changes.append(self._escalate(alert, due_at, now))
+            changes.append(self._fire(alert, due_at, now))
         return changes
 
     # -- transitions -----------------------------------------------------------
@@ -185,10 +203,11 @@ class Engine:
             opened_at=now,
             updated_at=now,
         )
-        alert.due_at = self._next_due(alert)
+        alert.escalation_base = now
+        alert.notified_at = now
         self._alerts[alert.id] = alert
         self._open_for[(rule.name, device.id)] = alert.id
-        self._schedule(alert)
+        self._reschedule(alert)
         return self._change(alert, "opened", device.id, "station")
 
     def _cancel_at_station(self, event: Event) -> list[Change]:
@@ -202,13 +221,46 @@ class Engine:
                 changes.append(self._close(alert, None, "station"))
         return changes
 
-    def _escalate(self, alert: Alert, due_at: float, now: float) -> Change:
+    def _fire(self, alert: Alert, due_at: float, now: float) -> Change:
+        """Carry out whichever timer of the alert fell due at ``due_at``."""
+        late = now - due_at > LATE_AFTER
+        if alert.state is AlertState.ACKNOWLEDGED:
+            change = self._reopen(alert, now)
+        elif (next_at := self._next_level_at(alert)) is not None and next_at <= due_at:
+            change = self._escalate(alert, now)
+        else:
+            change = self._remind(alert, now)
+        alert.late = late
+        return replace(change, alert=alert.snapshot())
+
+    def _escalate(self, alert: Alert, now: float) -> Change:
         alert.move(AlertState.ESCALATED, now)
         alert.level += 1
-        alert.late = now - due_at > LATE_AFTER
-        alert.due_at = self._next_due(alert)
-        self._schedule(alert)
+        alert.notified_at = now
+        alert.reminders = 0
+        self._reschedule(alert)
         return self._change(alert, "escalated", None, "timer")
+
+    def _remind(self, alert: Alert, now: float) -> Change:
+        alert.touch(now)
+        alert.reminders += 1
+        alert.notified_at = now
+        self._reschedule(alert)
+        return self._change(alert, "reminded", None, "timer")
+
+    def _reopen(self, alert: Alert, now: float) -> Change:
+        # Whoever took it did not finish in time: page the current level
+        # again and let escalation resume from here, not from the opening,
+        # so the levels above are not all paged at once.
+        levels = self._rules[alert.rule].levels
+        alert.move(AlertState.OPEN, now)
+        alert.acked_at = None
+        alert.acked_by = None
+        alert.escalation_base = now - levels[alert.level - 1].after
+        alert.notified_at = now
+        alert.reminders = 0
+        self._reschedule(alert)
+        return self._change(alert, "reopened", None, "timer")
 
     def _close(self, alert: Alert, staff: str | None, via: str) -> Change:
         now = self._clock()
@@ -225,9 +277,9 @@ class Engine:
 
     def _change(self, alert: Alert, kind: str, actor: str | None, via: str) -> Change:
         rule = self._rules[alert.rule]
-        if kind in ("opened", "escalated"):
-            # Only the level that just started is paged; earlier levels
-            # already were, and are told again only when someone answers.
+        if kind in ("opened", "escalated", "reminded", "reopened"):
+            # Only the current level is paged; earlier levels already were,
+            # and are told again only when someone answers.
             targets = rule.levels[alert.level - 1].targets
         else:
             targets = _unique(
@@ -240,11 +292,33 @@ class Engine:
         )
         return Change(alert.snapshot(), kind, actor, via, notifications)
 
-    def _next_due(self, alert: Alert) -> float | None:
+    def _next_level_at(self, alert: Alert) -> float | None:
         levels = self._rules[alert.rule].levels
         if alert.level >= len(levels):
             return None
-        return alert.opened_at + levels[alert.level].after
+        base = alert.escalation_base
+        return (alert.opened_at if base is None else base) + levels[alert.level].after
+
+    def _next_due(self, alert: Alert) -> float | None:
+        rule = self._rules[alert.rule]
+        if alert.state is AlertState.ACKNOWLEDGED:
+            if rule.ack_timeout is None or alert.acked_at is None:
+                return None
+            return alert.acked_at + rule.ack_timeout
+
+        candidates = []
+        next_level_at = self._next_level_at(alert)
+        if next_level_at is not None:
+            candidates.append(next_level_at)
+        remind_every = rule.levels[alert.level - 1].remind_every
+        if remind_every is not None:
+            last = alert.notified_at or alert.updated_at
+            candidates.append(last + remind_every)
+        return min(candidates, default=None)
+
+    def _reschedule(self, alert: Alert) -> None:
+        alert.due_at = self._next_due(alert)
+        self._schedule(alert)
 
     def _schedule(self, alert: Alert) -> None:
         if alert.due_at is not None:

@@ -35,6 +35,12 @@ from pydantic import (
 PRIORITIES = ("routine", "urgent", "emergency", "code")
 """Lowest to highest; a higher priority is notified and shown first."""
 
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+
+STATION_ONLY = frozenset({"emergency", "code"})
+"""Priorities that only their own station can cancel: never a pager, a web
+page or a badge walking past, because someone must be at the bedside."""
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -78,10 +84,15 @@ class Level(StrictModel):
     staff: tuple[str, ...] = ()
     """Named staff ids whose pagers are told."""
 
+    remind_every: Duration | None = None
+    """Page this level again every so often while nobody answers."""
+
     @model_validator(mode="after")
     def _someone_is_told(self) -> Level:
         if not self.roles and not self.staff:
             raise ValueError("a level must name at least one role or staff id")
+        if self.remind_every is not None and self.remind_every <= 0:
+            raise ValueError("'remind_every' must be longer than 0s")
         return self
 
     @property
@@ -113,6 +124,13 @@ class CallRule(StrictModel):
 
     levels: tuple[Level, ...] = Field(min_length=1)
 
+    ack_timeout: Duration | None = None
+    """Acknowledged but not resolved within this time: open again, page again."""
+
+    @property
+    def station_only(self) -> bool:
+        return self.priority in STATION_ONLY
+
     @model_validator(mode="after")
     def _levels_in_order(self) -> CallRule:
         afters = [level.after for level in self.levels]
@@ -121,6 +139,8 @@ class CallRule(StrictModel):
                 "the first level is paged when the alert opens, so its "
                 f"'after' must be 0s, got {afters[0]:g}s"
             )
+        if self.ack_timeout is not None and self.ack_timeout <= 0:
+            raise ValueError("'ack_timeout' must be longer than 0s")
         if afters != sorted(afters) or len(set(afters)) != len(afters):
             raise ValueError(
                 f"levels must have strictly increasing 'after' delays, got {afters}"
