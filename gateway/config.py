@@ -18,7 +18,14 @@ from typing import Any
 import yaml
 from pydantic import Field, SecretStr, ValidationError
 
-from rules.schema import CallRule, StrictModel
+from rules.schema import (
+    RULE_KINDS,
+    CompositeRule,
+    CountRule,
+    Rule,
+    RuleBase,
+    StrictModel,
+)
 from rules.site import Device, Loc, Site, StaffMember, Zone
 
 ENV_PREFIX = "GATEWAY_"
@@ -95,7 +102,7 @@ class GatewayConfig(StrictModel):
     zones: tuple[Zone, ...] = ()
     devices: tuple[Device, ...] = ()
     staff: tuple[StaffMember, ...] = ()
-    rules: tuple[CallRule, ...] = ()
+    rules: tuple[Rule, ...] = ()
 
     def problems(self) -> list[tuple[Loc, str]]:
         """Cross-references that the field types alone cannot check."""
@@ -109,6 +116,9 @@ class GatewayConfig(StrictModel):
                     (("rules", r, "name"), f"rule name {rule.name!r} is used twice")
                 )
             names.add(rule.name)
+            found.extend(_presence_problems(r, rule, roles))
+            if isinstance(rule, CompositeRule):
+                found.extend(_composite_problems(r, rule, self.rules))
             for lv, level in enumerate(rule.levels):
                 for role in level.roles:
                     if role not in roles:
@@ -138,6 +148,55 @@ class GatewayConfig(StrictModel):
     @property
     def physical(self) -> Site:
         return Site(zones=self.zones, devices=self.devices, staff=self.staff)
+
+
+def _presence_problems(
+    index: int, rule: RuleBase, roles: set[str]
+) -> list[tuple[Loc, str]]:
+    found: list[tuple[Loc, str]] = []
+    checks = [("resolve_by_presence", rule.resolve_by_presence)]
+    if isinstance(rule, CountRule):
+        checks.append(("reset_by_visit", rule.reset_by_visit))
+    for key, check in checks:
+        if check is None:
+            continue
+        if rule.station_only and key == "resolve_by_presence":
+            found.append(
+                (
+                    ("rules", index, key),
+                    f"a {rule.priority} call is never resolved by presence alone; "
+                    "remove 'resolve_by_presence' or lower the priority",
+                )
+            )
+        for role in check.roles:
+            if role not in roles:
+                found.append(
+                    (
+                        ("rules", index, key, "roles"),
+                        f"no staff member has role {role!r}",
+                    )
+                )
+    return found
+
+
+def _composite_problems(
+    index: int, rule: CompositeRule, rules: tuple[RuleBase, ...]
+) -> list[tuple[Loc, str]]:
+    kinds = {other.name: other.kind for other in rules}
+    found: list[tuple[Loc, str]] = []
+    for name in rule.all:
+        kind = kinds.get(name)
+        if kind is None:
+            found.append((("rules", index, "all"), f"no rule is named {name!r}"))
+        elif kind in ("call", "composite"):
+            found.append(
+                (
+                    ("rules", index, "all"),
+                    f"rule {name!r} is a {kind} rule; a composite combines count, "
+                    "threshold, feedback and supervision rules",
+                )
+            )
+    return found
 
 
 def load_config(
@@ -232,7 +291,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[Loc, st
 def _describe(
     path: Path, error: Any, lines: dict[Loc, int], applied: dict[Loc, str]
 ) -> str:
-    loc: Loc = tuple(error["loc"])
+    raw: Loc = tuple(error["loc"])
+    loc = _without_tag(raw)
     field = _field_name(loc)
     if loc in applied:
         where = f"{path} (environment variable {applied[loc]})"
@@ -241,12 +301,19 @@ def _describe(
 
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        message = f"unknown field {loc[-1]!r}" + _suggestion(loc)
+        message = f"unknown field {loc[-1]!r}" + _suggestion(raw)
     elif error["type"] == "missing":
         message = "required field is missing"
     elif "input" in error and not isinstance(error["input"], dict | list):
         message = f"{message} (got {error['input']!r})"
     return f"{where}: {field}: {message}"
+
+
+def _without_tag(loc: Loc) -> Loc:
+    """Drop the rule kind pydantic puts in a rule's error location."""
+    if len(loc) > 2 and loc[0] == "rules" and loc[2] in RULE_KINDS:
+        return (*loc[:2], *loc[3:])
+    return loc
 
 
 def _field_name(loc: Loc) -> str:
@@ -268,19 +335,23 @@ def _line_of(loc: Loc, lines: dict[Loc, int]) -> int:
     return 1
 
 
-def _suggestion(loc: Loc) -> str:
-    model = _model_at(loc[:-1])
+def _suggestion(raw: Loc) -> str:
+    model = _model_at(raw[:-1])
     if model is None:
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), model.model_fields, n=1)
+    names = [field.alias or name for name, field in model.model_fields.items()]
+    close = difflib.get_close_matches(str(raw[-1]), names, n=1)
     if close:
         return f"; did you mean {close[0]!r}?"
-    return f"; expected one of: {', '.join(model.model_fields)}"
+    return f"; expected one of: {', '.join(names)}"
 
 
-def _model_at(loc: Loc) -> type[StrictModel] | None:
-    """Find the model class that validates the mapping at ``loc``."""
+def _model_at(raw: Loc) -> type[StrictModel] | None:
+    """Find the model class that validates the mapping at ``raw`` (with tags)."""
     model: Any = GatewayConfig
+    loc = raw
+    if len(raw) > 2 and raw[0] == "rules" and raw[2] in RULE_KINDS:
+        model, loc = RULE_KINDS[str(raw[2])], raw[3:]
     for part in loc:
         if isinstance(part, int):
             continue

@@ -49,6 +49,9 @@ class Topics:
     def pager(self, target: str) -> str:
         return f"{self.base}/pagers/{target}"
 
+    def kudos(self, zone: str) -> str:
+        return f"{self.base}/zones/{zone}/kudos"
+
     def parse(self, topic: str) -> tuple[str, str] | None:
         """Split an incoming topic into (kind, id), or None if it is not ours.
 
@@ -75,12 +78,14 @@ def alert_payload(alert: Alert) -> bytes:
 def pager_payload(change: Change, note: Notification) -> bytes:
     """A notification for one pager topic (a person or a role)."""
     alert = change.alert
-    where = alert.room or alert.device
+    where = alert.room or alert.zone or alert.device
+    what = alert.rule.replace("-", " ").replace("_", " ").capitalize()
     text = {
-        "opened": f"Call in {where}",
-        "escalated": f"Escalated (level {alert.level}): call in {where}",
-        "reminded": f"Still waiting: call in {where}",
-        "reopened": f"Not finished in time: call in {where} is open again",
+        "opened": f"{what} in {where}",
+        "escalated": f"Escalated (level {alert.level}): {what} in {where}",
+        "reminded": f"Still waiting: {what} in {where}",
+        "reopened": f"Not finished in time: {what} in {where} is open again",
+        "released": f"{what} in {where} (held back until now)",
         "acknowledged": f"{where}: taken by {alert.acked_by}",
         "resolved": f"{where}: resolved",
     }.get(note.reason, f"{where}: {note.reason}")

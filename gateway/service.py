@@ -11,6 +11,7 @@ of presses costs one disk sync, not one per press.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -22,7 +23,7 @@ from gateway.config import GatewayConfig
 from gateway.contract import Topics, alert_payload, pager_payload, parse_command
 from gateway.mqtt import MQTTLink, Receipt
 from gateway.store import Store
-from rules.alerts import Change
+from rules.alerts import Action, Change, Kudos
 from rules.engine import Engine, EngineError, UnknownAlert
 from rules.events import Event
 from rules.schema import PRIORITY_RANK
@@ -99,6 +100,7 @@ class Gateway:
 
     def _restore(self) -> None:
         alerts = self.store.unresolved_alerts()
+        self.engine.load_state(self.store.engine_state())
         for orphan in self.engine.restore(alerts):
             # Kept in the database, not shown: a technician must re-enable the
             # rule or close the alert, and must hear about it.
@@ -162,7 +164,7 @@ class Gateway:
 
     def _process(self, batch: list[Message]) -> None:
         events: list[Event] = []
-        changes: list[Change] = []
+        changes: list[Action] = []
         for topic, payload, retain, _ in batch:
             try:
                 changes.extend(self._handle(topic, payload, retain, events))
@@ -179,7 +181,7 @@ class Gateway:
 
     def _handle(
         self, topic: str, payload: bytes, retain: bool, events: list[Event]
-    ) -> list[Change]:
+    ) -> list[Action]:
         route = self.topics.parse(topic)
         if route is None:
             raise RejectedMessage("unknown_topic", f"no handler for {topic}")
@@ -220,10 +222,15 @@ class Gateway:
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
 
-    def _commit_and_publish(self, events: list[Event], changes: list[Change]) -> None:
-        # Commit first: nobody may see a transition a power cut could undo.
-        self.store.record(events, changes)
+    def _commit_and_publish(self, events: list[Event], actions: list[Action]) -> None:
+        changes = [a for a in actions if isinstance(a, Change)]
+        kudos = [a for a in actions if isinstance(a, Kudos)]
 
+        # Commit first: nobody may see a transition a power cut could undo.
+        self.store.record(events, changes, self.engine.take_dirty(), kudos)
+
+        for item in kudos:
+            self._publish_kudos(item)
         # Within a batch, the most urgent calls are paged first.
         changes = sorted(changes, key=_urgency)
         for change in changes:
@@ -242,6 +249,26 @@ class Gateway:
             self.link.publish(
                 self.topics.pager(note.target), pager_payload(change, note)
             )
+
+    def _publish_kudos(self, kudos: Kudos) -> None:
+        body = {
+            "id": kudos.id,
+            "rule": kudos.rule,
+            "zone": kudos.zone,
+            "at": kudos.at,
+            "presses": kudos.presses,
+            "staff": list(kudos.staff),
+        }
+        topic = self.topics.kudos(kudos.zone)
+        self.link.publish(topic, json.dumps(body, separators=(",", ":")).encode())
+        transitions_log.info(
+            "%-12s %s  %s  %d happy presses in a row, team %s",
+            "KUDOS",
+            kudos.id,
+            kudos.zone,
+            kudos.presses,
+            ", ".join(kudos.staff) or "(none on duty)",
+        )
 
     def _publish_all_unresolved(self) -> None:
         alerts = self.engine.alerts

@@ -16,7 +16,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from rules.alerts import Alert, AlertState, Change
+from rules.alerts import Alert, AlertState, Change, Kudos
 from rules.events import Event
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,11 @@ ALERT_COLUMNS = (
     "id", "rule", "priority", "state", "level", "version", "device", "room",
     "zone", "event_id", "opened_at", "updated_at", "due_at", "acked_at",
     "acked_by", "resolved_at", "resolved_by", "resolved_via", "late",
-    "notified_at", "reminders", "escalation_base",
+    "notified_at", "reminders", "escalation_base", "subject", "repeats",
+    "held", "detail", "proof",
 )  # fmt: skip
+JSON_COLUMNS = ("detail", "proof")
+BOOL_COLUMNS = ("late", "held")
 
 
 @migrations()
@@ -95,6 +98,19 @@ def m002_reminders_and_ack_timeout(db: sqlite_utils.Database) -> None:
     alerts.add_column("escalation_base", float)
 
 
+@migrations()
+def m003_rule_kinds_and_state(db: sqlite_utils.Database) -> None:
+    alerts = db["alerts"]
+    alerts.add_column("subject", str)
+    alerts.add_column("repeats", int, not_null_default=0)
+    alerts.add_column("held", int, not_null_default=0)
+    alerts.add_column("detail", str)
+    alerts.add_column("proof", str)
+    # Counters, windows, pending thresholds, presence and silences: one JSON
+    # value per key, written with the alert changes of the same batch.
+    db["engine_state"].create({"key": str, "value": str}, pk="key")
+
+
 _UPSERT_ALERT = (
     f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) "  # noqa: S608
     f"VALUES ({', '.join('?' for _ in ALERT_COLUMNS)}) "
@@ -110,6 +126,11 @@ _INSERT_EVENT = (
     "INSERT OR IGNORE INTO events (id, type, device, ts, received_at, fields) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
+_UPSERT_STATE = (
+    "INSERT INTO engine_state (key, value) VALUES (?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+)
+_DELETE_STATE = "DELETE FROM engine_state WHERE key = ?"
 _INSERT_OUTBOX = (
     "INSERT OR IGNORE INTO outbox (key, kind, created_at, body) VALUES (?, ?, ?, ?)"
 )
@@ -137,9 +158,16 @@ class Store:
 
     # -- writes ----------------------------------------------------------------
 
-    def record(self, events: Sequence[Event], changes: Sequence[Change]) -> None:
-        """Commit a batch of accepted events and alert changes, durably."""
-        if not events and not changes:
+    def record(
+        self,
+        events: Sequence[Event],
+        changes: Sequence[Change],
+        state: Mapping[str, Any] | None = None,
+        kudos: Sequence[Kudos] = (),
+    ) -> None:
+        """Commit a batch of accepted events, alert changes and engine state."""
+        state = state or {}
+        if not events and not changes and not state and not kudos:
             return
         now = time.time()
         conn = self.db.conn
@@ -151,6 +179,14 @@ class Store:
                 _INSERT_OUTBOX,
                 [_outbox_row(c, now) for c in changes if c.kind == "resolved"],
             )
+            conn.executemany(_INSERT_OUTBOX, [_kudos_row(k, now) for k in kudos])
+            conn.executemany(
+                _UPSERT_STATE,
+                [(k, json.dumps(v)) for k, v in state.items() if v is not None],
+            )
+            conn.executemany(
+                _DELETE_STATE, [(k,) for k, v in state.items() if v is None]
+            )
         self.commits += 1
 
     # -- reads -------------------------------------------------------------------
@@ -161,6 +197,10 @@ class Store:
             [AlertState.RESOLVED.value],
         )
         return [_alert_from_row(row) for row in rows]
+
+    def engine_state(self) -> dict[str, Any]:
+        rows = self.db.query("SELECT key, value FROM engine_state")
+        return {row["key"]: json.loads(row["value"]) for row in rows}
 
     def alert(self, alert_id: str) -> dict[str, Any] | None:
         rows = list(self.db.query("SELECT * FROM alerts WHERE id = ?", [alert_id]))
@@ -204,7 +244,11 @@ def _event_row(event: Event, received_at: float) -> tuple[Any, ...]:
 def _alert_row(alert: Alert) -> tuple[Any, ...]:
     values = asdict(alert)
     values["state"] = alert.state.value
-    values["late"] = int(alert.late)
+    for column in BOOL_COLUMNS:
+        values[column] = int(values[column])
+    for column in JSON_COLUMNS:
+        if values[column] is not None:
+            values[column] = json.dumps(values[column])
     return tuple(values[column] for column in ALERT_COLUMNS)
 
 
@@ -221,6 +265,11 @@ def _outbox_row(change: Change, now: float) -> tuple[Any, ...]:
     return (f"alert:{change.alert.id}", "alert.resolved", now, json.dumps(body))
 
 
+def _kudos_row(kudos: Kudos, now: float) -> tuple[Any, ...]:
+    body = asdict(kudos)
+    return (f"kudos:{kudos.id}", "kudos", now, json.dumps(body))
+
+
 def alert_record(alert: Alert) -> dict[str, Any]:
     """The JSON form of an alert, shared by MQTT, the outbox and the web."""
     record = asdict(alert)
@@ -231,7 +280,11 @@ def alert_record(alert: Alert) -> dict[str, Any]:
 def _alert_from_row(row: dict[str, Any]) -> Alert:
     values = {column: row[column] for column in ALERT_COLUMNS}
     values["state"] = AlertState(values["state"])
-    values["late"] = bool(values["late"])
+    for column in BOOL_COLUMNS:
+        values[column] = bool(values[column])
+    for column in JSON_COLUMNS:
+        if values[column] is not None:
+            values[column] = json.loads(values[column])
     return Alert(**values)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 class AlertState(enum.StrEnum):
@@ -107,8 +108,29 @@ class Alert:
     late: bool = False
     """True when the last escalation fired after its due time (gateway was down)."""
 
+    subject: str | None = None
+    """What the alert is about: the device for calls, thresholds and
+    supervision, the zone for counts, feedback and composites."""
+
+    repeats: int = 0
+    """Further triggers while it was open (more presses): counted, not raised."""
+
+    held: bool = False
+    """Pages held back: an emergency in the zone, or a technician's silence."""
+
+    detail: dict[str, Any] | None = None
+    """What opened it, e.g. ``{"count": 200}`` or ``{"value": 12.5}``."""
+
+    proof: dict[str, Any] | None = None
+    """For a presence resolution: badge, staff, place, dwell and signal."""
+
     def snapshot(self) -> Alert:
         return replace(self)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """One unresolved alert per rule and subject."""
+        return (self.rule, self.subject or self.device)
 
     def move(self, state: AlertState, at: float) -> None:
         """Take one edge of the state machine, or raise InvalidTransition."""
@@ -162,3 +184,22 @@ class Change:
     """Where it came from: ``station``, ``pager``, ``web`` or ``timer``."""
 
     notifications: tuple[Notification, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Kudos:
+    """Positive guest feedback credited to the team on duty in a zone."""
+
+    id: str
+    rule: str
+    zone: str
+    at: float
+    presses: int
+    """Positive presses in a row that earned it."""
+
+    staff: tuple[str, ...]
+    """The team credited: staff of the zone on duty at the time."""
+
+
+Action = Change | Kudos
+"""What the engine asks the gateway to carry out."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from rules.schema import StrictModel
+from rules.schema import StrictModel, TimeWindow
 
 Loc = tuple[str | int, ...]
 """Where a value sits in the site file, e.g. ``("devices", 3, "room")``."""
@@ -43,6 +43,13 @@ class StaffMember(StrictModel):
     badge: str | None = None
     """Beacon id of the person's badge, if they carry one."""
 
+    zones: tuple[str, ...] = ()
+    """Zones whose team this person belongs to, for kudos; empty: every zone."""
+
+    shifts: tuple[TimeWindow, ...] = ()
+    """When this person is on duty; empty: always. Paging a role reaches the
+    people of that role on duty now."""
+
 
 class Site(StrictModel):
     """Who and what is where; rules refer to these ids."""
@@ -76,6 +83,23 @@ class Site(StrictModel):
             for z, zone in enumerate(self.zones)
             for r, room in enumerate(zone.rooms)
         ]
+        zones = {zone.id for zone in self.zones}
+        for index, member in enumerate(self.staff):
+            for zone in member.zones:
+                if zone not in zones:
+                    found.append(
+                        (
+                            ("staff", index, "zones"),
+                            f"staff {member.id!r} is in zone {zone!r}, which is not "
+                            f"under 'zones:'; known zones: {', '.join(sorted(zones))}",
+                        )
+                    )
+        badges = [
+            (("staff", index, "badge"), member.badge)
+            for index, member in enumerate(self.staff)
+            if member.badge is not None
+        ]
+        found.extend(_duplicates("badge", badges))
         found.extend(_duplicates("zones", _ids("zones", self.zones)))
         found.extend(_duplicates("rooms", rooms_in_order))
         found.extend(_duplicates("devices", _ids("devices", self.devices)))
