@@ -46,6 +46,8 @@ def parse_event(topic_device: str, payload: bytes, max_payload: int) -> Event:
         )
 
     ts = body.get("ts")
+    if ts is None:
+        raise RejectedMessage("missing_field", "required field 'ts' is missing")
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
         raise RejectedMessage(
             "bad_field", f"'ts' must be Unix seconds as a number, got {ts!r}"

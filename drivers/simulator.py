@@ -94,9 +94,12 @@ class SimulatedWard:
         self._client.connect_async(self._host, self._port, keepalive=15)
         self._client.loop_start()
         try:
+            # The first patient calls soon after start, so a newcomer sees
+            # something happen at once; then calls come every few seconds.
+            await asyncio.sleep(self._rng.uniform(1.0, 2.0))
             while True:
-                await asyncio.sleep(self._rng.uniform(*self._behaviour.call_every))
                 self._press(self._rng.choice(self._beds), "call")
+                await asyncio.sleep(self._rng.uniform(*self._behaviour.call_every))
         finally:
             for task in self._tasks:
                 task.cancel()

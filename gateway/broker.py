@@ -84,6 +84,9 @@ class PrivateBroker:
             # Our state lives in SQLite; the broker must start clean.
             "persistence false\n"
             "max_queued_messages 100000\n"
+            # The gateway acknowledges a batch only after committing it; the
+            # default of 20 unacknowledged messages would cap every batch.
+            "max_inflight_messages 1000\n"
             f"log_dest file {self.log_file}\n"
             # Started as root, mosquitto would switch to the 'mosquitto' user,
             # which cannot read a private temporary folder; keep our own user.

@@ -121,6 +121,9 @@ class MQTTLink:
                     info.wait_for_publish(timeout=2)
                 except (RuntimeError, ValueError):
                     log.warning("Could not confirm the offline status")
+        # paho's thread may run once more after disconnect() and log an error
+        # about the socket it just closed; that is the shutdown, not a fault.
+        self._client.disable_logger()
         self._client.disconnect()
         self._client.loop_stop()
 

@@ -28,11 +28,14 @@ async def run_gateway(gateway: Gateway, *companions: Coroutine[Any, Any, None]) 
 
     core = asyncio.create_task(gateway.run(), name="gateway")
     others = [asyncio.create_task(c, name="companion") for c in companions]
+    # The web page runs beside the gateway but never decides its end: if it
+    # cannot start, alerts and pages carry on without it.
     site = None
+    page = None
     settings = gateway.config.web
     if settings.enabled:
         site = web.WebServer(gateway, settings.host, settings.port)
-        others.append(asyncio.create_task(site.serve(), name="web"))
+        page = asyncio.create_task(site.serve(), name="web")
 
     stopper = asyncio.create_task(stop.wait(), name="stop")
     done, _ = await asyncio.wait(
@@ -43,14 +46,14 @@ async def run_gateway(gateway: Gateway, *companions: Coroutine[Any, Any, None]) 
 
     # Companions first, so nothing publishes into a closing gateway; then the
     # web server, which finishes its requests; then the gateway itself.
-    if site is not None:
-        site.shutdown()
     for task in others:
-        if task.get_name() == "companion":
-            task.cancel()
+        task.cancel()
     for task in others:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if site is not None and page is not None:
+        site.shutdown()
+        await page
     gateway.stop()
     await core
     stopper.cancel()

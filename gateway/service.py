@@ -11,6 +11,7 @@ of presses costs one disk sync, not one per press.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -83,6 +84,11 @@ class Gateway:
         """Restore state, connect, and process until :meth:`stop`."""
         self._loop = asyncio.get_running_loop()
         self._restore()
+        # Move everything loaded at start-up (imports, the site file, the
+        # restored alerts) out of the collector's reach: a full collection
+        # over it paused a call for 20-70 ms in the benchmark.
+        gc.collect()
+        gc.freeze()
         self.link.start()
         self._ready.set()
         try:

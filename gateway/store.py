@@ -17,7 +17,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,7 @@ def _event_row(event: Event, received_at: float) -> tuple[Any, ...]:
 
 
 def _alert_row(alert: Alert) -> tuple[Any, ...]:
-    values = asdict(alert)
+    values = alert_record(alert)
     values["state"] = alert.state.value
     for column in BOOL_COLUMNS:
         values[column] = int(values[column])
@@ -270,9 +270,17 @@ def _kudos_row(kudos: Kudos, now: float) -> tuple[Any, ...]:
     return (f"kudos:{kudos.id}", "kudos", now, json.dumps(body))
 
 
+_ALERT_FIELDS = tuple(field.name for field in fields(Alert))
+
+
 def alert_record(alert: Alert) -> dict[str, Any]:
-    """The JSON form of an alert, shared by MQTT, the outbox and the web."""
-    record = asdict(alert)
+    """The JSON form of an alert, shared by MQTT, the outbox and the web.
+
+    A shallow copy: ``asdict`` deep-copies and cost a fifth of the CPU of a
+    call in the benchmark. The nested ``detail`` and ``proof`` are never
+    mutated after the alert changes, so sharing them is safe.
+    """
+    record = {name: getattr(alert, name) for name in _ALERT_FIELDS}
     record["state"] = alert.state.value
     return record
 

@@ -29,8 +29,11 @@ FLOOR_PAGE = Path(__file__).with_name("static") / "floor.html"
 def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="Facility gateway", docs_url=None, redoc_url=None)
 
+    # Every endpoint is ``async def``: it then runs on the gateway's own loop,
+    # the one thread allowed to use the SQLite connection and the engine.
+
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    async def healthz() -> dict[str, Any]:
         """Liveness for the service manager: database and broker link."""
         return {
             "status": "ok" if gateway.link.connected else "degraded",
@@ -42,13 +45,13 @@ def create_app(gateway: Gateway) -> FastAPI:
         }
 
     @app.get("/api/alerts")
-    def open_alerts() -> list[dict[str, Any]]:
+    async def open_alerts() -> list[dict[str, Any]]:
         """Every unresolved alert, highest level first, then oldest."""
         alerts = sorted(gateway.engine.alerts, key=lambda a: (-a.level, a.opened_at))
         return [alert_record(alert) for alert in alerts]
 
     @app.get("/api/alerts/{alert_id}")
-    def alert_detail(alert_id: str) -> dict[str, Any]:
+    async def alert_detail(alert_id: str) -> dict[str, Any]:
         row = gateway.store.alert(alert_id)
         if row is None:
             raise HTTPException(404, f"no alert with id {alert_id!r}")
@@ -56,7 +59,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         return row
 
     @app.get("/", response_class=HTMLResponse)
-    def floor() -> str:
+    async def floor() -> str:
         return FLOOR_PAGE.read_text()
 
     return app
@@ -86,7 +89,15 @@ class WebServer:
         return None
 
     async def serve(self) -> None:
-        await self._server.serve()
+        """Serve until shut down; a failure to start costs the page, not the alerts."""
+        try:
+            await self._server.serve()
+        except (OSError, SystemExit) as exc:
+            # uvicorn exits the process when it cannot bind; paging must go on.
+            log.error(
+                "The web page is not served (%s); alerts and pages carry on",
+                exc,
+            )
 
     def shutdown(self) -> None:
         self._server.should_exit = True

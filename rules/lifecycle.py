@@ -276,6 +276,14 @@ class AlertBook:
     # -- bookkeeping ----------------------------------------------------------
 
     def restore(self, alert: Alert) -> None:
+        """Take back a stored alert under the rule as it is configured now.
+
+        A technician may have removed levels since: an alert above the new
+        last level stays at that last level, and its timers are computed
+        afresh from the rule rather than trusted from storage.
+        """
+        levels = self._rules[alert.rule].levels
+        alert.level = max(1, min(alert.level, len(levels)))
         self._add(alert)
 
     def _add(self, alert: Alert) -> None:

@@ -50,7 +50,7 @@ CASES = {
     "unknown-device": Bad(on_events("ghost-9"), as_event("ghost-9"), "unknown_device"),
     "missing-type": Bad(CALL_3, as_event(type=None), "missing_field"),
     "missing-id": Bad(CALL_3, as_event(id=None), "missing_field"),
-    "missing-ts": Bad(CALL_3, as_event(ts=None), "bad_field"),
+    "missing-ts": Bad(CALL_3, as_event(ts=None), "missing_field"),
     "ts-as-string": Bad(CALL_3, as_event(ts="1733230000"), "bad_field"),
     "ts-not-finite": Bad(CALL_3, as_event().replace(b'"ts": ', b'"ts": NaN, "x": '),
                          "bad_field"),

@@ -506,12 +506,6 @@ def test_restore_skips_resolved_and_returns_orphans(engine, clock):
     assert only_code.alerts == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="BUG rules/: a restored alert above the rule's last level (a level "
-    "was removed from the site file) raises IndexError in restore()/advance()",
-)
 def test_restore_after_a_level_was_removed_does_not_crash(engine, clock):
     """An alert at level 3 restored under a 1-level rule does not break advance."""
     alert = opened(engine)

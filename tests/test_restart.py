@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from rules.engine import LATE_AFTER
 from tests.helpers import (
     FAST_LEVELS,
@@ -134,13 +132,6 @@ def test_event_ids_seen_before_a_restart_stay_duplicates(start_gateway, mqtt, to
     assert gateway.query("SELECT count(*) AS n FROM alerts") == [{"n": 2}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG rules/: an alert restored above its rule's last level (a level "
-    "was removed from the site file) raises IndexError, so the gateway cannot "
-    "start again until the database is edited by hand",
-)
 def test_restart_after_a_level_was_removed_comes_online(start_gateway, mqtt, topics):
     """Escalated alert, site file shortened to one level: it still restarts."""
     three_levels = (

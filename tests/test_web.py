@@ -7,7 +7,6 @@ import socket
 import subprocess
 
 import httpx
-import pytest
 
 from tests.helpers import event, wait_until
 
@@ -54,13 +53,6 @@ def test_floor_page_is_served(gateway):
     assert response.headers["content-type"].startswith("text/html")
 
 
-BUG_THREAD = (
-    "BUG gateway/web.py: sync endpoints run in a worker thread, but the SQLite "
-    "connection belongs to the loop thread, so /api/alerts/{id} answers 500"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUG_THREAD)
 def test_api_shows_one_alert_with_its_timeline(gateway, mqtt, topics):
     """/api/alerts/<id> returns the stored alert and its history."""
     display = mqtt(topics.alerts)
@@ -73,18 +65,11 @@ def test_api_shows_one_alert_with_its_timeline(gateway, mqtt, topics):
     assert [h["kind"] for h in body["history"]] == ["opened"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUG_THREAD)
 def test_api_answers_404_for_an_unknown_alert(gateway):
     """/api/alerts/<unknown> is a 404, not a server error."""
     assert get(gateway, "/api/alerts/0123456789abcdef").status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG gateway/runner.py: uvicorn's failure to bind the web port "
-    "(SystemExit) stops the whole gateway, so paging stops with the web page",
-)
 def test_taken_web_port_does_not_stop_alerting(start_gateway, mqtt, topics):
     """If the web port is taken, calls are still turned into alerts."""
     with socket.socket() as taken:
