@@ -53,6 +53,15 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schema(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.config import site_json_schema
+
+    print(json.dumps(site_json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
 def _load_or_explain(path: str):  # noqa: ANN202 - GatewayConfig or None
     try:
         return load_config(path)
@@ -97,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", help="the site's YAML file")
     check.set_defaults(command=_check_config)
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of site files (rules included) for editors",
+    )
+    schema.set_defaults(command=_schema)
     return parser
 
 

@@ -199,6 +199,13 @@ def _composite_problems(
     return found
 
 
+def site_json_schema() -> dict[str, Any]:
+    """JSON Schema of a whole site file, rules included, for editors."""
+    schema = GatewayConfig.model_json_schema(by_alias=True)
+    schema["title"] = "Facility gateway site file"
+    return schema
+
+
 def load_config(
     path: str | Path, environ: Mapping[str, str] | None = None
 ) -> GatewayConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,13 @@ def test_help_works_for_each_command(command, mentions):
     assert result.stdout.startswith("usage: main.py")
     for word in mentions:
         assert word in result.stdout
+
+
+def test_committed_schema_matches_the_models():
+    """sites/site.schema.json is what `main.py schema` prints today."""
+    from gateway.config import site_json_schema
+
+    committed = json.loads((ROOT / "sites" / "site.schema.json").read_text())
+    assert committed == site_json_schema(), (
+        "regenerate with: python main.py schema > sites/site.schema.json"
+    )

@@ -10,10 +10,9 @@ import sys
 from gateway.broker import free_port, port_answers
 from tests.helpers import MAIN, ROOT
 
-DEMO_SECONDS = 10
-"""Long enough that a call is certain: the simulator presses its first button
-4 to 9 s after starting (drivers/simulator.py, Behaviour.call_every), so a
-6-second demo shows no call in about half of its runs (see the test report)."""
+DEMO_SECONDS = 6
+"""Long enough that a call is certain: the simulated ward presses its first
+button 1 to 2 s after it connects (drivers/simulator.py, SimulatedWard.run)."""
 
 
 def test_demo_starts_its_own_broker_and_shows_a_call():

@@ -1,0 +1,196 @@
+"""Every rule kind through the real gateway: MQTT events in, alerts out.
+
+A restroom and a patient room on one site; devices publish to the contract
+topics, and the test reads what displays and pagers would see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.helpers import GatewayProcess, MqttClient, SiteTopics, event, wait_until
+
+LEVELS = [{"after": "0s", "roles": ["cleaner"]}]
+
+
+def restroom_site(site_id: str) -> dict[str, Any]:
+    return {
+        "site": {"id": site_id},
+        "gateway": {"id": "gw-1"},
+        "zones": [
+            {"id": "ward", "rooms": [{"id": "room-1"}]},
+            {"id": "restroom", "rooms": [{"id": "wc-1"}]},
+        ],
+        "devices": [
+            {"id": "call-1", "kind": "call_button", "room": "room-1"},
+            {"id": "code-1", "kind": "code_button", "room": "room-1"},
+            {"id": "door-1", "kind": "people_counter", "room": "wc-1"},
+            {"id": "clean-1", "kind": "clean_button", "room": "wc-1"},
+            {"id": "towel-1", "kind": "dispenser", "room": "wc-1"},
+            {"id": "smiley-1", "kind": "feedback_terminal", "room": "wc-1"},
+            {"id": "rx-1", "kind": "ble_receiver", "room": "room-1"},
+        ],
+        "staff": [
+            {"id": "ana", "name": "Ana", "roles": ["nurse"], "badge": "b-ana"},
+            {"id": "carl", "name": "Carl", "roles": ["cleaner"], "badge": "b-carl"},
+        ],
+        "rules": [
+            {
+                "name": "patient-call",
+                "devices": {"kind": "call_button"},
+                "levels": [{"after": "0s", "roles": ["nurse"]}],
+                "resolve_by_presence": {"roles": ["nurse"], "dwell": "1s"},
+            },
+            {
+                "name": "code-blue",
+                "priority": "code",
+                "devices": {"kind": "code_button"},
+                "levels": [{"after": "0s", "roles": ["nurse"]}],
+            },
+            {
+                "name": "visits",
+                "kind": "count",
+                "devices": {"kind": "people_counter"},
+                "at_least": 3,
+                "levels": LEVELS,
+            },
+            {
+                "name": "towels-low",
+                "kind": "threshold",
+                "devices": {"kind": "dispenser"},
+                "reading": "towel_level",
+                "below": 15,
+                "clear_at": 25,
+                "for": "1s",
+                "levels": LEVELS,
+            },
+            {
+                "name": "restroom-feedback",
+                "kind": "feedback",
+                "devices": {"kind": "feedback_terminal"},
+                "at_least": 2,
+                "share": 0.5,
+                "min_interval": "0s",
+                "kudos_after": 3,
+                "levels": LEVELS,
+            },
+            {
+                "name": "dispenser-offline",
+                "kind": "supervision",
+                "devices": {"kind": "dispenser"},
+                "heartbeat": "2s",
+                "levels": LEVELS,
+            },
+        ],
+    }
+
+
+@pytest.fixture
+def restroom(
+    start_gateway: Callable[..., GatewayProcess], topics: SiteTopics
+) -> GatewayProcess:
+    return start_gateway(site=restroom_site(topics.site))
+
+
+def send(client: MqttClient, topics: SiteTopics, device: str, kind: str, **fields: Any):
+    client.publish(topics.events(device), event(device, kind) | fields)
+
+
+def test_count_opens_a_gap_and_a_clean_press_closes_it(restroom, mqtt, topics):
+    """The third visit opens the restroom gap; the cleaned button resolves it."""
+    display = mqtt(topics.alerts)
+    device = mqtt()
+    for _ in range(3):
+        send(device, topics, "door-1", "visit")
+    opened = display.wait_for_json(rule="visits", state="open")
+    assert (opened["zone"], opened["detail"]) == ("restroom", {"count": 3})
+    send(device, topics, "clean-1", "cleaned")
+    closed = display.wait_for_json(rule="visits", state="resolved")
+    assert closed["resolved_via"] == "station"
+
+
+def test_counter_survives_a_restart(start_gateway, mqtt, topics):
+    """Two visits, kill -9, restart: the third visit still opens the gap."""
+    gateway = start_gateway(site=restroom_site(topics.site))
+    display = mqtt(topics.alerts)
+    device = mqtt()
+    send(device, topics, "door-1", "visit")
+    send(device, topics, "door-1", "visit")
+    key = "count/visits/restroom"
+    wait_until(
+        lambda: (
+            gateway.query("SELECT value FROM engine_state WHERE key = ?", key)
+            == [{"value": '{"count": 2, "times": []}'}]
+        ),
+        what="the count of two visits in the database",
+    )
+    gateway.kill()
+    gateway.start()
+    send(device, topics, "door-1", "visit")
+    assert display.wait_for_json(rule="visits", state="open")["detail"] == {"count": 3}
+
+
+def test_threshold_lasting_its_duration_opens_and_clears(restroom, mqtt, topics):
+    """Towels under 15 % for a second open the gap; 30 % clears it."""
+    display = mqtt(topics.alerts)
+    device = mqtt()
+    send(device, topics, "towel-1", "reading", reading="towel_level", value=10)
+    opened = display.wait_for_json(rule="towels-low", state="open", timeout=5)
+    assert opened["detail"] == {"reading": "towel_level", "value": 10.0}
+    send(device, topics, "towel-1", "reading", reading="towel_level", value=30)
+    cleared = display.wait_for_json(rule="towels-low", state="resolved")
+    assert cleared["resolved_via"] == "cleared"
+
+
+def test_unhappy_guests_open_a_gap_and_happy_ones_send_kudos(restroom, mqtt, topics):
+    """Two unhappy presses open the gap; three happy ones credit the team."""
+    display = mqtt(topics.alerts, f"facility/{topics.site}/zones/+/kudos")
+    device = mqtt()
+    send(device, topics, "smiley-1", "feedback", score="unhappy")
+    send(device, topics, "smiley-1", "feedback", score="very_unhappy")
+    opened = display.wait_for_json(rule="restroom-feedback", state="open")
+    assert opened["detail"] == {"share": 1.0, "presses": 2}
+    for _ in range(3):
+        send(device, topics, "smiley-1", "feedback", score="happy")
+    kudos = display.wait_for_json(
+        f"facility/{topics.site}/zones/restroom/kudos", presses=3
+    )
+    assert kudos["staff"] == ["ana", "carl"]
+
+
+def test_silent_dispenser_raises_trouble_until_it_reports(restroom, mqtt, topics):
+    """No message for the heartbeat opens trouble; the next one clears it."""
+    display = mqtt(topics.alerts)
+    opened = display.wait_for_json(rule="dispenser-offline", state="open", timeout=6)
+    assert opened["device"] == "towel-1"
+    send(mqtt(), topics, "towel-1", "heartbeat")
+    display.wait_for_json(rule="dispenser-offline", state="resolved")
+
+
+def test_nurse_badge_in_the_room_resolves_the_call(restroom, mqtt, topics):
+    """A nurse's badge in the room for the dwell time closes the call, with proof."""
+    display = mqtt(topics.alerts)
+    device = mqtt()
+    send(device, topics, "call-1", "call")
+    display.wait_for_json(rule="patient-call", state="open")
+    send(device, topics, "rx-1", "enter", badge="b-ana", zone="room-1", rssi=-58)
+    closed = display.wait_for_json(rule="patient-call", state="resolved", timeout=5)
+    assert (closed["resolved_by"], closed["resolved_via"]) == ("ana", "presence")
+    assert closed["proof"]["badge"] == "b-ana"
+    assert closed["proof"]["signal"] == -58
+
+
+def test_code_call_cannot_be_resolved_from_a_pager(restroom, mqtt, topics):
+    """A resolve for a code call is refused and counted; the station cancels it."""
+    display = mqtt(topics.alerts)
+    device = mqtt()
+    send(device, topics, "code-1", "call")
+    alert = display.wait_for_json(rule="code-blue", state="open")
+    device.publish(topics.resolve(alert["id"]), {"staff": "ana"})
+    send(device, topics, "code-1", "cancel")
+    closed = display.wait_for_json(rule="code-blue", state="resolved")
+    assert closed["resolved_via"] == "station"
+    assert restroom.healthz()["messages_rejected"] == {"station_only": 1}
