@@ -178,6 +178,8 @@ class Engine:
         self._routes: dict[tuple[str, str], list[RuleBase]] = {}
         self._watchers: dict[str, list[SupervisionRule]] = {}
         self._composites: dict[str, list[CompositeRule]] = {}
+        self._presence_rules: dict[str, list[tuple[RuleBase, frozenset[str]]]] = {}
+        """Zone -> rules that check badges there, with the roles they accept."""
         self._zone_devices: dict[str, list[str]] = {}
         self._index()
         self._start_supervision(clock())
@@ -576,7 +578,7 @@ class Engine:
         if event.type == LEAVE:
             if self._presence.leave(place, badge):
                 self._dirty.add("presence")
-                for rule in self._rules.values():
+                for rule, _ in self._presence_rules.get(self._place_zone(place), ()):
                     self._timers.cancel(("dwell", rule.name, badge, place))
             return []
         if self._presence.enter(place, badge, now, signal):
@@ -587,9 +589,9 @@ class Engine:
     def _schedule_dwells(
         self, place: str, badge: str, member: StaffMember, since: float
     ) -> None:
-        for rule in self._rules.values():
+        for rule, roles in self._presence_rules.get(self._place_zone(place), ()):
             check = _presence_check(rule)
-            if check is not None and set(check.roles) & set(member.roles):
+            if check is not None and not roles.isdisjoint(member.roles):
                 self._timers.set(
                     ("dwell", rule.name, badge, place), since + check.dwell
                 )
@@ -626,7 +628,7 @@ class Engine:
             return self._reset_zone(rule, zone, member.id, "presence", now, proof)
 
         actions: list[Action] = []
-        for alert in list(self._book.alerts.values()):
+        for alert in list(self._book.by_place.get(place, {}).values()):
             if alert.rule == rule.name and _in_place(alert, place, self._zones):
                 # Never for emergency and code calls: a badge walking past
                 # is no proof that anyone attended the patient.
@@ -835,6 +837,9 @@ class Engine:
     def _active(self, rule: RuleBase, now: float) -> bool:
         return in_windows(rule.active, now, self._tz)
 
+    def _place_zone(self, place: str) -> str:
+        return place if place in self._zones else self._room_zone[place]
+
     def _zone_of(self, device: Device) -> str | None:
         return self._room_zone.get(device.room) if device.room else None
 
@@ -868,6 +873,11 @@ class Engine:
             if isinstance(rule, CompositeRule):
                 for name in rule.all:
                     self._composites.setdefault(name, []).append(rule)
+            check = _presence_check(rule)
+            if check is not None:
+                for zone in rule.devices.zones or sorted(self._zones):
+                    entry = (rule, frozenset(check.roles))
+                    self._presence_rules.setdefault(zone, []).append(entry)
 
     def _route(self, rule: RuleBase, device: str) -> None:
         if isinstance(rule, SupervisionRule):

@@ -68,6 +68,12 @@ class AlertBook:
         self._targets = targets
         self.alerts: dict[str, Alert] = {}
         self.by_key: dict[tuple[str, str], str] = {}
+        self.by_place: dict[str, dict[str, Alert]] = {}
+        """Room or zone id -> its unresolved alerts, for presence and holds."""
+
+        self.urgent_in: dict[str, set[str]] = {}
+        """Zone -> ids of its unresolved emergency and code calls."""
+
         self.silences: dict[str, Silence] = {}
 
     # -- opening and closing --------------------------------------------------
@@ -243,7 +249,8 @@ class AlertBook:
     ) -> list[Change]:
         """Page the current level of held alerts that nothing holds any more."""
         changes = []
-        for alert in list(self.alerts.values()):
+        candidates = self.by_place.get(zone, {}) if device is None and zone else None
+        for alert in list((candidates or self.alerts).values()):
             if not alert.held:
                 continue
             if device is not None and alert.device != device:
@@ -261,13 +268,9 @@ class AlertBook:
     def _holder(self, alert: Alert, now: float) -> str | None:
         """What holds this alert's pages back, or None."""
         if alert.priority not in STATION_ONLY and alert.zone is not None:
-            for other in self.alerts.values():
-                if (
-                    other.zone == alert.zone
-                    and other.priority in STATION_ONLY
-                    and other.id != alert.id
-                ):
-                    return f"{other.priority} call {other.id}"
+            urgent = self.urgent_in.get(alert.zone)
+            if urgent:
+                return f"an emergency in {alert.zone}"
         for silence in self.silences.values():
             if silence.until > now and silence.covers(alert):
                 return f"silence {silence.id}"
@@ -289,11 +292,24 @@ class AlertBook:
     def _add(self, alert: Alert) -> None:
         self.alerts[alert.id] = alert
         self.by_key[alert.key] = alert.id
+        for place in _places(alert):
+            self.by_place.setdefault(place, {})[alert.id] = alert
+        if alert.priority in STATION_ONLY and alert.zone is not None:
+            self.urgent_in.setdefault(alert.zone, set()).add(alert.id)
         self._reschedule(alert)
 
     def _remove(self, alert: Alert) -> None:
         del self.alerts[alert.id]
         del self.by_key[alert.key]
+        for place in _places(alert):
+            alerts = self.by_place[place]
+            del alerts[alert.id]
+            if not alerts:
+                del self.by_place[place]
+        if alert.zone in self.urgent_in:
+            self.urgent_in[alert.zone].discard(alert.id)
+            if not self.urgent_in[alert.zone]:
+                del self.urgent_in[alert.zone]
         self._timers.cancel(("alert", alert.id))
 
     def _change(
@@ -317,6 +333,10 @@ class AlertBook:
             Notification(target, alert.id, alert.level, kind) for target in targets
         )
         return Change(alert.snapshot(), kind, actor, via, notes)
+
+
+def _places(alert: Alert) -> tuple[str, ...]:
+    return tuple(place for place in (alert.room, alert.zone) if place is not None)
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
