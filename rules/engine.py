@@ -589,12 +589,41 @@ class Engine:
     def _schedule_dwells(
         self, place: str, badge: str, member: StaffMember, since: float
     ) -> None:
+        """Arm the dwell check of every rule this badge's presence can serve."""
         for rule, roles in self._presence_rules.get(self._place_zone(place), ()):
-            check = _presence_check(rule)
-            if check is not None and not roles.isdisjoint(member.roles):
-                self._timers.set(
-                    ("dwell", rule.name, badge, place), since + check.dwell
-                )
+            if roles.isdisjoint(member.roles):
+                continue
+            due = self._dwell_due(rule, place, since)
+            if due is not None:
+                self._arm_dwell(rule, badge, place, due)
+
+    def _dwell_due(self, rule: RuleBase, place: str, entered: float) -> float | None:
+        """When a badge that entered at ``entered`` has stayed long enough.
+
+        A service visit resets a count whether or not a gap is open, so it
+        counts from the arrival. For an alert the dwell counts from the later
+        of the arrival and the alert's opening: a nurse already in the room
+        when the patient calls must still stay ``dwell`` seconds.
+        """
+        check = _presence_check(rule)
+        if check is None:
+            return None
+        if isinstance(rule, CountRule):
+            return entered + check.dwell
+        if rule.station_only:
+            return None  # never resolved by presence, so nothing to arm
+        starts = [
+            max(entered, alert.opened_at)
+            for alert in self._book.by_place.get(place, {}).values()
+            if alert.rule == rule.name and _in_place(alert, place, self._zones)
+        ]
+        return min(starts) + check.dwell if starts else None
+
+    def _arm_dwell(self, rule: RuleBase, badge: str, place: str, due: float) -> None:
+        key = ("dwell", rule.name, badge, place)
+        current = self._timers.due_at(key)
+        if current is None or due < current:
+            self._timers.set(key, due)
 
     def _reschedule_dwells(self) -> None:
         for place, badges in self._presence.here.items():
@@ -612,45 +641,46 @@ class Engine:
         if check is None or entry is None or member is None:
             return []
         entered, signal = entry
-        if now - entered < check.dwell:
-            return []
 
-        proof = {
-            "badge": badge,
-            "staff": member.id,
-            "place": place,
-            "entered_at": entered,
-            "dwell": round(now - entered, 3),
-            "signal": signal,
-        }
-        if isinstance(rule, CountRule) and rule.reset_by_visit is not None:
-            zone = place if place in self._zones else self._room_zone[place]
+        if isinstance(rule, CountRule):
+            if now - entered < check.dwell:
+                return []
+            proof = _proof(badge, member.id, place, entered, entered, now, signal)
+            zone = self._place_zone(place)
             return self._reset_zone(rule, zone, member.id, "presence", now, proof)
 
         actions: list[Action] = []
         for alert in list(self._book.by_place.get(place, {}).values()):
-            if alert.rule == rule.name and _in_place(alert, place, self._zones):
-                # Never for emergency and code calls: a badge walking past
-                # is no proof that anyone attended the patient.
-                if rule.station_only:
-                    continue
+            if alert.rule != rule.name or not _in_place(alert, place, self._zones):
+                continue
+            # Never for emergency and code calls: a badge walking past is no
+            # proof that anyone attended the patient.
+            if rule.station_only:
+                continue
+            start = max(entered, alert.opened_at)
+            if now - start >= check.dwell:
+                proof = _proof(badge, member.id, place, entered, start, now, signal)
                 actions.extend(self._close(alert, member.id, "presence", now, proof))
+
+        # Alerts that opened after the badge arrived wait their own dwell.
+        due = self._dwell_due(rule, place, entered)
+        if due is not None:
+            self._arm_dwell(rule, badge, place, due)
         return actions
 
-    def _presence_for_new_alert(self, rule: RuleBase, alert: Alert, now: float) -> None:
+    def _presence_for_new_alert(self, rule: RuleBase, alert: Alert) -> None:
         """Badges already in the place start their dwell when the alert opens."""
-        check = rule.resolve_by_presence
-        if check is None or rule.station_only:
+        if rule.resolve_by_presence is None or rule.station_only:
             return
         for place in (alert.room, alert.zone):
             if place is None:
                 continue
-            for badge in self._presence.present(place):
+            for badge, (entered, _) in self._presence.present(place).items():
                 member = self._badges.get(badge)
-                if member is not None and set(check.roles) & set(member.roles):
-                    self._timers.set(
-                        ("dwell", rule.name, badge, place), now + check.dwell
-                    )
+                roles = rule.resolve_by_presence.roles
+                if member is not None and not set(roles).isdisjoint(member.roles):
+                    due = max(entered, alert.opened_at) + rule.resolve_by_presence.dwell
+                    self._arm_dwell(rule, badge, place, due)
 
     # -- conditions, composites and the alerts they raise ---------------------
 
@@ -760,7 +790,7 @@ class Engine:
             detail=detail,
         )
         if change.kind == "opened":
-            self._presence_for_new_alert(rule, self._book.alerts[change.alert.id], now)
+            self._presence_for_new_alert(rule, self._book.alerts[change.alert.id])
         return change
 
     def _close(
@@ -924,6 +954,30 @@ def _in_place(alert: Alert, place: str, zones: set[str]) -> bool:
     if alert.room is not None:
         return alert.room == place
     return place in zones and alert.zone == place
+
+
+def _proof(
+    badge: str,
+    staff: str,
+    place: str,
+    entered: float,
+    since: float,
+    now: float,
+    signal: float | None,
+) -> dict[str, Any]:
+    """What a presence resolution keeps as evidence of the visit.
+
+    ``dwell`` counts from ``since``: the arrival, or the alert's opening if
+    the badge was already there.
+    """
+    return {
+        "badge": badge,
+        "staff": staff,
+        "place": place,
+        "entered_at": entered,
+        "dwell": round(now - since, 3),
+        "signal": signal,
+    }
 
 
 def _silence_dict(silence: Silence) -> dict[str, Any]:
