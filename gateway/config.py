@@ -22,11 +22,12 @@ from rules.schema import (
     RULE_KINDS,
     CompositeRule,
     CountRule,
+    Level,
     Rule,
     RuleBase,
     StrictModel,
 )
-from rules.site import Device, Loc, Site, StaffMember, Zone
+from rules.site import Device, Group, Loc, Site, StaffMember, Zone
 
 ENV_PREFIX = "GATEWAY_"
 
@@ -102,6 +103,7 @@ class GatewayConfig(StrictModel):
     zones: tuple[Zone, ...] = ()
     devices: tuple[Device, ...] = ()
     staff: tuple[StaffMember, ...] = ()
+    groups: tuple[Group, ...] = ()
     rules: tuple[Rule, ...] = ()
 
     def problems(self) -> list[tuple[Loc, str]]:
@@ -138,16 +140,49 @@ class GatewayConfig(StrictModel):
                                 f"staff id {member!r} is not under 'staff:'",
                             )
                         )
+                found.extend(self._target_problems(r, lv, level))
+        return found
+
+    def _target_problems(
+        self, rule: int, index: int, level: Level
+    ) -> list[tuple[Loc, str]]:
+        groups = {group.id for group in self.groups}
+        zones = {zone.id for zone in self.zones}
+        found: list[tuple[Loc, str]] = []
+        for group in level.groups:
+            if group not in groups:
+                found.append(
+                    (
+                        ("rules", rule, "levels", index, "groups"),
+                        f"group {group!r} is not under 'groups:'",
+                    )
+                )
+        for zone in level.zones:
+            if zone not in zones:
+                found.append(
+                    (
+                        ("rules", rule, "levels", index, "zones"),
+                        f"zone {zone!r} is not under 'zones:'",
+                    )
+                )
         return found
 
     def physical_unchecked(self) -> Site:
         return Site.model_construct(
-            zones=self.zones, devices=self.devices, staff=self.staff
+            zones=self.zones,
+            devices=self.devices,
+            staff=self.staff,
+            groups=self.groups,
         )
 
     @property
     def physical(self) -> Site:
-        return Site(zones=self.zones, devices=self.devices, staff=self.staff)
+        return Site(
+            zones=self.zones,
+            devices=self.devices,
+            staff=self.staff,
+            groups=self.groups,
+        )
 
 
 def _presence_problems(
@@ -222,13 +257,17 @@ def load_config(
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(path, error, lines, applied) for error in exc.errors()]
+        names = _rule_names(data)
+        problems = [
+            _describe(path, error, lines, applied, names) for error in exc.errors()
+        ]
         raise ConfigError(str(path), problems) from None
 
     broken = config.problems()
     if broken:
         problems = [
-            f"{path}:{_line_of(loc, lines)}: {_field_name(loc)}: {message}"
+            f"{path}:{_line_of(loc, lines)}: "
+            f"{_field_name(loc, _rule_names(data))}: {message}"
             for loc, message in broken
         ]
         raise ConfigError(str(path), problems)
@@ -296,11 +335,15 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[Loc, st
 
 
 def _describe(
-    path: Path, error: Any, lines: dict[Loc, int], applied: dict[Loc, str]
+    path: Path,
+    error: Any,
+    lines: dict[Loc, int],
+    applied: dict[Loc, str],
+    rule_names: dict[int, str],
 ) -> str:
     raw: Loc = tuple(error["loc"])
     loc = _without_tag(raw)
-    field = _field_name(loc)
+    field = _field_name(loc, rule_names)
     if loc in applied:
         where = f"{path} (environment variable {applied[loc]})"
     else:
@@ -323,11 +366,27 @@ def _without_tag(loc: Loc) -> Loc:
     return loc
 
 
-def _field_name(loc: Loc) -> str:
+def _rule_names(data: Any) -> dict[int, str]:
+    rules = data.get("rules") if isinstance(data, dict) else None
+    if not isinstance(rules, list):
+        return {}
+    return {
+        index: str(rule["name"])
+        for index, rule in enumerate(rules)
+        if isinstance(rule, dict) and rule.get("name")
+    }
+
+
+def _field_name(loc: Loc, rule_names: dict[int, str] | None = None) -> str:
+    """``rules[0] (patient-call).levels[1].after``: a path a person can follow."""
     parts: list[str] = []
-    for part in loc:
+    for position, part in enumerate(loc):
         if isinstance(part, int):
             parts[-1:] = [f"{parts[-1]}[{part}]" if parts else f"[{part}]"]
+            if position == 1 and loc[0] == "rules" and rule_names:
+                name = rule_names.get(part)
+                if name:
+                    parts[-1] += f" ({name})"
         else:
             parts.append(str(part))
     return ".".join(parts) or "(top level)"

@@ -158,6 +158,7 @@ class Engine:
         self._zones = {zone.id for zone in site.zones}
         self._staff = {member.id: member for member in site.staff}
         self._badges = {m.badge: m for m in site.staff if m.badge is not None}
+        self._groups = {group.id: group.members for group in site.groups}
         self._by_role: dict[str, list[StaffMember]] = {}
         for member in site.staff:
             for role in member.roles:
@@ -851,6 +852,20 @@ class Engine:
         is paged too, so a page is never sent to no one.
         """
         targets = list(level.staff)
+        for group in level.groups:
+            targets.extend(
+                member
+                for member in self._groups.get(group, ())
+                if in_windows(self._staff[member].shifts, now, self._tz)
+            )
+        for zone in level.zones:
+            team = [
+                member.id
+                for member in self._staff.values()
+                if zone in member.zones and in_windows(member.shifts, now, self._tz)
+            ]
+            # Nobody of the zone on duty: its shared pager topic still rings.
+            targets.extend(team or [f"zone:{zone}"])
         for role in level.roles:
             members = self._by_role.get(role, [])
             if not any(member.shifts for member in members):

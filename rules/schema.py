@@ -92,13 +92,21 @@ class Level(StrictModel):
     staff: tuple[str, ...] = ()
     """Named staff ids whose pagers are told."""
 
+    groups: tuple[str, ...] = ()
+    """Groups from the site file (e.g. a rapid-response team): their members."""
+
+    zones: tuple[str, ...] = ()
+    """Zones whose team on duty is told."""
+
     remind_every: Duration | None = None
     """Page this level again every so often while nobody answers."""
 
     @model_validator(mode="after")
     def _someone_is_told(self) -> Level:
-        if not self.roles and not self.staff:
-            raise ValueError("a level must name at least one role or staff id")
+        if not (self.roles or self.staff or self.groups or self.zones):
+            raise ValueError(
+                "a level must name at least one role, staff id, group or zone"
+            )
         if self.remind_every is not None and self.remind_every <= 0:
             raise ValueError("'remind_every' must be longer than 0s")
         return self

@@ -51,12 +51,20 @@ class StaffMember(StrictModel):
     people of that role on duty now."""
 
 
+class Group(StrictModel):
+    """Named people paged together, e.g. a rapid-response team."""
+
+    id: str = Field(pattern=_ID)
+    members: tuple[str, ...] = Field(min_length=1)
+
+
 class Site(StrictModel):
     """Who and what is where; rules refer to these ids."""
 
     zones: tuple[Zone, ...] = ()
     devices: tuple[Device, ...] = ()
     staff: tuple[StaffMember, ...] = ()
+    groups: tuple[Group, ...] = ()
 
     @model_validator(mode="after")
     def _references_exist(self) -> Site:
@@ -100,6 +108,18 @@ class Site(StrictModel):
             if member.badge is not None
         ]
         found.extend(_duplicates("badge", badges))
+        staff = {member.id for member in self.staff}
+        for index, group in enumerate(self.groups):
+            for member in group.members:
+                if member not in staff:
+                    found.append(
+                        (
+                            ("groups", index, "members"),
+                            f"group {group.id!r} lists {member!r}, who is not "
+                            "under 'staff:'",
+                        )
+                    )
+        found.extend(_duplicates("groups", _ids("groups", self.groups)))
         found.extend(_duplicates("zones", _ids("zones", self.zones)))
         found.extend(_duplicates("rooms", rooms_in_order))
         found.extend(_duplicates("devices", _ids("devices", self.devices)))
@@ -121,6 +141,10 @@ def _duplicates(section: str, ids: list[tuple[Loc, str]]) -> list[tuple[Loc, str
 
 
 def _ids(
-    section: str, items: tuple[Zone, ...] | tuple[Device, ...] | tuple[StaffMember, ...]
+    section: str,
+    items: tuple[Zone, ...]
+    | tuple[Device, ...]
+    | tuple[StaffMember, ...]
+    | tuple[Group, ...],
 ) -> list[tuple[Loc, str]]:
     return [((section, index, "id"), item.id) for index, item in enumerate(items)]

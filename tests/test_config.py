@@ -46,7 +46,7 @@ BROKEN = {
         "port: 1884", "port: nope", "mqtt.port", ["valid integer", "'nope'"],
     ),
     "unknown-key": (
-        "{after: 90s, roles", "{aftr: 90s, roles", "rules[0].levels[1].aftr",
+        "{after: 90s, roles", "{aftr: 90s, roles", "rules[0] (patient-call).levels[1].aftr",
         ["unknown field 'aftr'", "did you mean 'after'?"],
     ),
     "unknown-section": (
@@ -57,11 +57,11 @@ BROKEN = {
         ["required field is missing"],
     ),
     "first-level-later": (
-        "{after: 0s, roles", "{after: 5s, roles", "rules[0]",
+        "{after: 0s, roles", "{after: 5s, roles", "rules[0] (patient-call)",
         ["first level", "must be 0s", "got 5s"],
     ),
     "bad-duration": (
-        "{after: 90s, roles", "{after: soon, roles", "rules[0].levels[1].after",
+        "{after: 90s, roles", "{after: soon, roles", "rules[0] (patient-call).levels[1].after",
         ["duration", "'soon'"],
     ),
     "unknown-room": (
@@ -71,12 +71,12 @@ BROKEN = {
     ),
     "role-nobody-has": (
         "{after: 90s, roles: [charge_nurse]}", "{after: 90s, roles: [charge_nurce]}",
-        "rules[0].levels[1].roles",
+        "rules[0] (patient-call).levels[1].roles",
         ["'charge_nurce'", "nobody would be paged", "charge_nurse, nurse"],
     ),
     "unknown-staff": (
         "{after: 90s, roles: [charge_nurse]}", "{after: 90s, staff: [zed]}",
-        "rules[0].levels[1].staff", ["'zed'", "not under 'staff:'"],
+        "rules[0] (patient-call).levels[1].staff", ["'zed'", "not under 'staff:'"],
     ),
     "duplicate-device": (
         "{id: call-2, kind", "{id: call-1, kind", "devices[1].id",

@@ -545,3 +545,18 @@ def test_alert_states_after_a_presence_resolution_are_final():
     closed = ward.wait(10)
     assert closed[0].alert.state is AlertState.RESOLVED
     assert ward.engine.alerts == []
+
+
+def test_levels_can_page_a_group_and_a_zone_team():
+    """A group pages its members; a zone pages the people of that zone."""
+    data = SITE.model_dump()
+    data["groups"] = [{"id": "rapid-response", "members": ["ana", "dev"]}]
+    site = Site.model_validate(data)
+    rule = call_rule(
+        resolve_by_presence=None,
+        levels=[{"after": "0s", "groups": ["rapid-response"], "zones": ["ward"]}],
+    )
+    engine = Engine(site, parse_rules([rule]), lambda: T0, counter_ids())
+    opened = engine.on_event(Event("e1", "call", "call-1", T0))[0]
+    # Nobody lists the ward among their zones, so its shared topic is paged.
+    assert [n.target for n in opened.notifications] == ["ana", "dev", "zone:ward"]
