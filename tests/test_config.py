@@ -41,12 +41,16 @@ rules:
 
 # (text in GOOD, replacement, field named, what the message must also say); the
 # line named is the replaced one, except where ``LINE_OF`` says otherwise.
+RULE = "rules[0] (patient-call)"
+"""How errors name the good file's only rule: by position and by name."""
+
 BROKEN = {
     "wrong-type": (
         "port: 1884", "port: nope", "mqtt.port", ["valid integer", "'nope'"],
     ),
     "unknown-key": (
-        "{after: 90s, roles", "{aftr: 90s, roles", "rules[0] (patient-call).levels[1].aftr",
+        "{after: 90s, roles", "{aftr: 90s, roles",
+        f"{RULE}.levels[1].aftr",
         ["unknown field 'aftr'", "did you mean 'after'?"],
     ),
     "unknown-section": (
@@ -57,11 +61,12 @@ BROKEN = {
         ["required field is missing"],
     ),
     "first-level-later": (
-        "{after: 0s, roles", "{after: 5s, roles", "rules[0] (patient-call)",
+        "{after: 0s, roles", "{after: 5s, roles", RULE,
         ["first level", "must be 0s", "got 5s"],
     ),
     "bad-duration": (
-        "{after: 90s, roles", "{after: soon, roles", "rules[0] (patient-call).levels[1].after",
+        "{after: 90s, roles", "{after: soon, roles",
+        f"{RULE}.levels[1].after",
         ["duration", "'soon'"],
     ),
     "unknown-room": (
@@ -71,12 +76,12 @@ BROKEN = {
     ),
     "role-nobody-has": (
         "{after: 90s, roles: [charge_nurse]}", "{after: 90s, roles: [charge_nurce]}",
-        "rules[0] (patient-call).levels[1].roles",
+        f"{RULE}.levels[1].roles",
         ["'charge_nurce'", "nobody would be paged", "charge_nurse, nurse"],
     ),
     "unknown-staff": (
         "{after: 90s, roles: [charge_nurse]}", "{after: 90s, staff: [zed]}",
-        "rules[0] (patient-call).levels[1].staff", ["'zed'", "not under 'staff:'"],
+        f"{RULE}.levels[1].staff", ["'zed'", "not under 'staff:'"],
     ),
     "duplicate-device": (
         "{id: call-2, kind", "{id: call-1, kind", "devices[1].id",
