@@ -14,9 +14,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from rules.schema import (
     RULE_KINDS,
@@ -44,6 +45,20 @@ class ConfigError(ValueError):
 class SiteInfo(StrictModel):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     name: str | None = None
+    timezone: str = "UTC"
+    """IANA name, e.g. ``Europe/Berlin``: rule schedules and shifts use it."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}; use an IANA name such as "
+                "'Europe/Berlin' or 'America/New_York'"
+            ) from None
+        return value
 
 
 class GatewayInfo(StrictModel):

@@ -36,8 +36,13 @@ class Topics:
         return f"{self.base}/devices/+/events"
 
     @property
-    def commands(self) -> tuple[str, str]:
-        return (f"{self.base}/alerts/+/ack", f"{self.base}/alerts/+/resolve")
+    def commands(self) -> tuple[str, ...]:
+        return (
+            f"{self.base}/alerts/+/ack",
+            f"{self.base}/alerts/+/resolve",
+            f"{self.base}/silences",
+            f"{self.base}/silences/+/end",
+        )
 
     @property
     def status(self) -> str:
@@ -49,6 +54,9 @@ class Topics:
     def pager(self, target: str) -> str:
         return f"{self.base}/pagers/{target}"
 
+    def silence(self, silence_id: str) -> str:
+        return f"{self.base}/silences/{silence_id}"
+
     def kudos(self, zone: str) -> str:
         return f"{self.base}/zones/{zone}/kudos"
 
@@ -56,11 +64,17 @@ class Topics:
         """Split an incoming topic into (kind, id), or None if it is not ours.
 
         Kinds: ``event`` (id is the device), ``ack`` and ``resolve`` (id is
-        the alert).
+        the alert), ``silence`` (no id) and ``unsilence`` (id is the silence).
         """
         parts = topic.split("/")
-        if len(parts) != 5 or parts[0] != "facility" or parts[1] != self.site:
+        if len(parts) < 3 or parts[0] != "facility" or parts[1] != self.site:
             return None
+        if parts[2:] == ["silences"]:
+            return ("silence", "")
+        if len(parts) != 5:
+            return None
+        if parts[2] == "silences" and parts[4] == "end":
+            return ("unsilence", parts[3])
         if parts[2] == "devices" and parts[4] == "events":
             return ("event", parts[3])
         if parts[2] == "alerts" and parts[4] in ("ack", "resolve"):
@@ -119,3 +133,31 @@ def parse_command(payload: bytes, max_payload: int) -> tuple[str, str | None]:
             "bad_field", f"'id' must be a string, got {message_id!r:.60}"
         )
     return staff, message_id
+
+
+@dataclass(frozen=True)
+class SilenceRequest:
+    """A technician's mute: one device or one zone, until a time, with a reason."""
+
+    staff: str
+    until: float
+    reason: str
+    device: str | None = None
+    zone: str | None = None
+
+
+def parse_silence(payload: bytes, max_payload: int) -> SilenceRequest:
+    """Read ``{"staff", "until", "reason", "device" | "zone"}``."""
+    body = decode_json_object(payload, max_payload)
+    staff, reason = body.get("staff"), body.get("reason")
+    until = body.get("until")
+    device, zone = body.get("device"), body.get("zone")
+    if not isinstance(staff, str) or not staff:
+        raise RejectedMessage("missing_field", "'staff' must name who silences")
+    if not isinstance(reason, str) or not reason.strip():
+        raise RejectedMessage("missing_field", "a silence needs a 'reason'")
+    if isinstance(until, bool) or not isinstance(until, int | float):
+        raise RejectedMessage("bad_field", "'until' must be Unix seconds")
+    if (device is None) == (zone is None) or not isinstance(device or zone, str):
+        raise RejectedMessage("bad_field", "give exactly one of 'device' or 'zone'")
+    return SilenceRequest(staff, float(until), reason.strip()[:200], device, zone)

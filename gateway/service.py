@@ -17,13 +17,22 @@ import logging
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from zoneinfo import ZoneInfo
 
+from drivers.base import Driver
 from drivers.mqtt_device import RejectedMessage, parse_event
 from gateway.config import GatewayConfig
-from gateway.contract import Topics, alert_payload, pager_payload, parse_command
+from gateway.contract import (
+    SilenceRequest,
+    Topics,
+    alert_payload,
+    pager_payload,
+    parse_command,
+    parse_silence,
+)
 from gateway.mqtt import MQTTLink, Receipt
-from gateway.store import Store
+from gateway.store import Store, alert_record
 from rules.alerts import Action, Change, Kudos
 from rules.engine import Engine, EngineError, UnknownAlert
 from rules.events import Event
@@ -39,24 +48,36 @@ MAX_BATCH = 500
 """Messages per transaction; bounds how long one commit holds the loop."""
 
 Message = tuple[str, bytes, bool, Receipt]
+Item = Message | Event
+"""What the loop processes: a broker message, or an event a driver read."""
 
 
 class Gateway:
     """One site's gateway. ``await run()`` until ``stop()``."""
 
     def __init__(
-        self, config: GatewayConfig, clock: Callable[[], float] = time.time
+        self,
+        config: GatewayConfig,
+        clock: Callable[[], float] = time.time,
+        drivers: Sequence[Driver] = (),
     ) -> None:
         self.config = config
         self.clock = clock
+        self.drivers = list(drivers)
         self.topics = Topics(config.site.id, config.gateway.id)
         self.store = Store(config.database.path)
-        self.engine = Engine(config.physical, config.rules, clock, new_id=_alert_id)
+        self.engine = Engine(
+            config.physical,
+            config.rules,
+            clock,
+            new_id=_alert_id,
+            tz=ZoneInfo(config.site.timezone),
+        )
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
         self.started_at = clock()
 
-        self._inbox: list[Message] = []
+        self._inbox: list[Item] = []
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
@@ -64,6 +85,7 @@ class Gateway:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._shown_silences: set[str] = set()
 
         self.link = MQTTLink(
             config.mqtt,
@@ -90,12 +112,17 @@ class Gateway:
         gc.collect()
         gc.freeze()
         self.link.start()
+        for driver in self.drivers:
+            driver.start(self._from_driver)
+            log.info("Started driver %s", driver.name)
         self._ready.set()
         try:
             await self._process_forever()
         finally:
             if self._timer is not None:
                 self._timer.cancel()
+            for driver in self.drivers:
+                driver.stop()
             self.link.stop()
             self.store.close()
             log.info("Gateway stopped")
@@ -106,8 +133,10 @@ class Gateway:
 
     def _restore(self) -> None:
         alerts = self.store.unresolved_alerts()
+        orphans = self.engine.restore(alerts)
+        # After the alerts: presence state re-arms dwell checks against them.
         self.engine.load_state(self.store.engine_state())
-        for orphan in self.engine.restore(alerts):
+        for orphan in orphans:
             # Kept in the database, not shown: a technician must re-enable the
             # rule or close the alert, and must hear about it.
             log.warning(
@@ -137,6 +166,12 @@ class Gateway:
         if loop is not None:
             loop.call_soon_threadsafe(self._enqueue, (topic, payload, retain, receipt))
 
+    def _from_driver(self, event: Event) -> None:
+        """Called on a driver's thread: queue the event for the loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._enqueue, event)
+
     def _link_up(self) -> None:
         loop = self._loop
         if loop is not None:
@@ -144,8 +179,8 @@ class Gateway:
 
     # -- event loop --------------------------------------------------------------------
 
-    def _enqueue(self, message: Message) -> None:
-        self._inbox.append(message)
+    def _enqueue(self, item: Item) -> None:
+        self._inbox.append(item)
         self._wake.set()
 
     def _request_resync(self) -> None:
@@ -168,22 +203,30 @@ class Gateway:
                 self._publish_all_unresolved()
             self._schedule_next_timer()
 
-    def _process(self, batch: list[Message]) -> None:
+    def _process(self, batch: list[Item]) -> None:
         events: list[Event] = []
         changes: list[Action] = []
-        for topic, payload, retain, _ in batch:
+        for item in batch:
             try:
-                changes.extend(self._handle(topic, payload, retain, events))
+                changes.extend(self._take(item, events))
             except (RejectedMessage, EngineError) as exc:
-                self._reject(topic, exc)
+                source = item.device if isinstance(item, Event) else item[0]
+                self._reject(source, exc)
         changes.extend(self.engine.advance())
         self._commit_and_publish(events, changes)
 
         # Only now may the broker forget these messages. If the commit above
         # raised, the process stops unacknowledged, and after the restart the
         # broker redelivers the batch to an engine rebuilt from the database.
-        for *_, receipt in batch:
-            self.link.ack(receipt)
+        for item in batch:
+            if not isinstance(item, Event):
+                self.link.ack(item[3])
+
+    def _take(self, item: Item, events: list[Event]) -> list[Action]:
+        if isinstance(item, Event):
+            return self._accept(item, events)
+        topic, payload, retain, _ = item
+        return self._handle(topic, payload, retain, events)
 
     def _handle(
         self, topic: str, payload: bytes, retain: bool, events: list[Event]
@@ -199,21 +242,50 @@ class Gateway:
         kind, key = route
         limit = self.config.mqtt.max_payload
         if kind == "event":
-            event = parse_event(key, payload, limit)
-            if event.id in self._seen:
-                self.rejected["duplicate"] += 1
-                log.debug("Dropped duplicate event %s", event.id)
-                return []
-            changes = self.engine.on_event(event)
-            self._remember(event.id)
-            events.append(event)
-            self.accepted += 1
-            return changes
+            return self._accept(parse_event(key, payload, limit), events)
+        if kind == "silence":
+            return self._silence(parse_silence(payload, limit))
+        if kind == "unsilence":
+            return self.engine.unsilence(key)
 
         staff, _ = parse_command(payload, limit)
         if kind == "ack":
             return self.engine.acknowledge(key, staff, via="pager")
         return self.engine.resolve(key, staff, via="pager")
+
+    def _accept(self, event: Event, events: list[Event]) -> list[Action]:
+        """Run a new event through the engine; drop one seen before."""
+        if event.id in self._seen:
+            self.rejected["duplicate"] += 1
+            log.debug("Dropped duplicate event %s", event.id)
+            return []
+        changes = self.engine.on_event(event)
+        self._remember(event.id)
+        events.append(event)
+        self.accepted += 1
+        return changes
+
+    def _silence(self, request: SilenceRequest) -> list[Action]:
+        if request.staff not in {member.id for member in self.config.staff}:
+            raise RejectedMessage(
+                "unknown_staff", f"staff id {request.staff!r} is not in the site file"
+            )
+        silence_id, changes = self.engine.silence(
+            until=request.until,
+            reason=request.reason,
+            by=request.staff,
+            device=request.device,
+            zone=request.zone,
+        )
+        log.warning(
+            "Pages for %s held until %s by %s: %s (silence %s)",
+            request.device or request.zone,
+            time.strftime("%H:%M", time.localtime(request.until)),
+            request.staff,
+            request.reason,
+            silence_id,
+        )
+        return list(changes)
 
     def _reject(self, topic: str, exc: Exception) -> None:
         reason = getattr(exc, "reason", None) or type(exc).__name__
@@ -242,6 +314,9 @@ class Gateway:
         for change in changes:
             self._publish(change)
             _log_transition(change)
+        if changes:
+            self._show_on_drivers(changes)
+        self._publish_silences()
 
     def _publish(self, change: Change) -> None:
         alert = change.alert
@@ -255,6 +330,37 @@ class Gateway:
             self.link.publish(
                 self.topics.pager(note.target), pager_payload(change, note)
             )
+
+    def _publish_silences(self, *, all_again: bool = False) -> None:
+        """Retained state of each active silence, cleared when it ends."""
+        active = {silence.id: silence for silence in self.engine.silences}
+        for silence_id in self._shown_silences - active.keys():
+            self.link.publish(self.topics.silence(silence_id), b"", retain=True)
+        for silence_id, silence in active.items():
+            if all_again or silence_id not in self._shown_silences:
+                body = {
+                    "id": silence.id,
+                    "device": silence.device,
+                    "zone": silence.zone,
+                    "until": silence.until,
+                    "reason": silence.reason,
+                    "by": silence.by,
+                }
+                payload = json.dumps(body, separators=(",", ":")).encode()
+                self.link.publish(self.topics.silence(silence_id), payload, retain=True)
+        self._shown_silences = set(active)
+
+    def _show_on_drivers(self, changes: list[Change]) -> None:
+        """Let drivers with outputs (dome lights) show the new alert states."""
+        for driver in self.drivers:
+            show = getattr(driver, "show_alert", None)
+            if show is None:
+                continue
+            for change in changes:
+                try:
+                    show(alert_record(change.alert))
+                except Exception:  # noqa: BLE001 - a lamp must not stop alerting
+                    log.exception("Driver %s could not show an alert", driver.name)
 
     def _publish_kudos(self, kudos: Kudos) -> None:
         body = {
@@ -282,6 +388,7 @@ class Gateway:
             self.link.publish(
                 self.topics.alert(alert.id), alert_payload(alert), retain=True
             )
+        self._publish_silences(all_again=True)
         log.info("Published %d unresolved alert(s) after connecting", len(alerts))
 
     def _schedule_next_timer(self) -> None:

@@ -6,6 +6,7 @@ topics, and the test reads what displays and pagers would see.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -194,3 +195,39 @@ def test_code_call_cannot_be_resolved_from_a_pager(restroom, mqtt, topics):
     closed = display.wait_for_json(rule="code-blue", state="resolved")
     assert closed["resolved_via"] == "station"
     assert restroom.healthz()["messages_rejected"] == {"station_only": 1}
+
+
+def test_technician_silences_a_zone_then_ends_it(restroom, mqtt, topics):
+    """A silenced zone's call opens held, with no page; ending it pages at once."""
+    display = mqtt(topics.alerts, f"facility/{topics.site}/silences/+")
+    pagers = mqtt(topics.pagers)
+    device = mqtt()
+    device.publish(
+        f"facility/{topics.site}/silences",
+        {"staff": "ana", "zone": "ward", "until": time.time() + 600, "reason": "drill"},
+    )
+    silence = display.wait_for_json(zone="ward", reason="drill")
+    send(device, topics, "call-1", "call")
+    held = display.wait_for_json(rule="patient-call", state="open")
+    assert held["held"] is True
+    device.publish(f"facility/{topics.site}/silences/{silence['id']}/end", {})
+    released = display.wait_for_json(rule="patient-call", held=False)
+    assert released["id"] == held["id"]
+    page = pagers.wait_for_json(alert=held["id"])
+    assert page["reason"] == "released"
+    assert [m for m in pagers.messages if m.json.get("reason") == "opened"] == []
+
+
+def test_code_call_holds_routine_pages_in_its_zone(restroom, mqtt, topics):
+    """During a code call, a routine call in the same zone is shown but not paged."""
+    display = mqtt(topics.alerts)
+    pagers = mqtt(topics.pagers)
+    device = mqtt()
+    send(device, topics, "code-1", "call")
+    display.wait_for_json(rule="code-blue", state="open")
+    send(device, topics, "call-1", "call")
+    routine = display.wait_for_json(rule="patient-call", state="open")
+    assert routine["held"] is True
+    send(device, topics, "code-1", "cancel")
+    page = pagers.wait_for_json(alert=routine["id"])
+    assert page["reason"] == "released"
