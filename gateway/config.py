@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
+from drivers.mqtt_native import MappedDevice
 from rules.schema import (
     RULE_KINDS,
     CompositeRule,
@@ -120,10 +121,30 @@ class GatewayConfig(StrictModel):
     staff: tuple[StaffMember, ...] = ()
     groups: tuple[Group, ...] = ()
     rules: tuple[Rule, ...] = ()
+    mqtt_devices: tuple[MappedDevice, ...] = ()
+    """ESPHome and Zigbee2MQTT devices mapped from their own topics."""
 
     def problems(self) -> list[tuple[Loc, str]]:
         """Cross-references that the field types alone cannot check."""
         found = self.physical_unchecked().problems()
+        devices = {device.id for device in self.devices}
+        topics: set[str] = set()
+        for index, mapped in enumerate(self.mqtt_devices):
+            if mapped.device not in devices:
+                found.append(
+                    (
+                        ("mqtt_devices", index, "device"),
+                        f"device {mapped.device!r} is not under 'devices:'",
+                    )
+                )
+            if mapped.topic in topics:
+                found.append(
+                    (
+                        ("mqtt_devices", index, "topic"),
+                        f"topic {mapped.topic!r} is mapped twice",
+                    )
+                )
+            topics.add(mapped.topic)
         roles = {role for member in self.staff for role in member.roles}
         staff = {member.id for member in self.staff}
         names: set[str] = set()

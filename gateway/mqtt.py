@@ -56,11 +56,13 @@ class MQTTLink:
         client_id: str,
         on_message: MessageHandler,
         on_connected: Callable[[], None],
+        extra_topics: tuple[str, ...] = (),
     ) -> None:
         self._settings = settings
         self._topics = topics
         self._on_message = on_message
         self._on_connected = on_connected
+        self._extra_topics = extra_topics
         self.connected = False
         self.connects = 0
         self._closing = False
@@ -166,6 +168,7 @@ class MQTTLink:
         log.info("Connected to MQTT broker %s", self.address)
         subscriptions = [(self._topics.device_events, QOS)]
         subscriptions += [(topic, QOS) for topic in self._topics.commands]
+        subscriptions += [(topic, QOS) for topic in self._extra_topics]
         client.subscribe(subscriptions)
         client.publish(self._topics.status, ONLINE, qos=QOS, retain=True)
         self._on_connected()

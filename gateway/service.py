@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from drivers.base import Driver
 from drivers.mqtt_device import RejectedMessage, parse_event
+from drivers.mqtt_native import NativeDevices
 from gateway.config import GatewayConfig
 from gateway.contract import (
     SilenceRequest,
@@ -87,12 +88,14 @@ class Gateway:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._shown_silences: set[str] = set()
 
+        self.native = NativeDevices(config.mqtt_devices)
         self.link = MQTTLink(
             config.mqtt,
             self.topics,
             client_id=f"gateway-{config.site.id}-{config.gateway.id}",
             on_message=self._receive,
             on_connected=self._link_up,
+            extra_topics=self.native.topics,
         )
 
     @property
@@ -232,6 +235,12 @@ class Gateway:
         self, topic: str, payload: bytes, retain: bool, events: list[Event]
     ) -> list[Action]:
         route = self.topics.parse(topic)
+        limit = self.config.mqtt.max_payload
+        if route is None and self.native.handles(topic):
+            changes: list[Action] = []
+            for event in self.native.translate(topic, payload, retain, limit):
+                changes.extend(self._accept(event, events))
+            return changes
         if route is None:
             raise RejectedMessage("unknown_topic", f"no handler for {topic}")
         if retain:
@@ -240,7 +249,6 @@ class Gateway:
             raise RejectedMessage("retained", "retained messages are not events")
 
         kind, key = route
-        limit = self.config.mqtt.max_payload
         if kind == "event":
             return self._accept(parse_event(key, payload, limit), events)
         if kind == "silence":
