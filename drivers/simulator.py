@@ -1,10 +1,21 @@
-"""A simulated ward: patients press call buttons, staff answer from pagers.
+"""A simulated facility: a ward with call buttons and a restroom with sensors.
 
-It talks to the gateway only through the broker, exactly as real call
-stations and pagers do, so the demo exercises the same code path as a site.
-Staff behaviour is random but plausible: most calls are acknowledged within
-seconds and resolved a little later, some are cancelled at the bedside, and
-some go unanswered long enough to escalate.
+It talks to the gateway only through the broker, exactly as real devices and
+pagers do, so the demo exercises the same code path as a site:
+
+* patients press call buttons; nurses answer from their pagers after a few
+  seconds, some by walking in (their badge resolves the call), some by
+  tapping resolve; some calls are cancelled at the bedside, and some go
+  unanswered long enough to escalate; now and then a code call is raised
+  and cancelled at its station;
+* guests visit the restroom (a people counter), use towels (a dispenser
+  that reports its level and a heartbeat) and press a four-smiley feedback
+  terminal, less happily as towels run low; a cleaner answers restroom gaps
+  by walking in and refilling.
+
+Every device id, room and person comes from the site file, found by device
+kind: ``call_button``, ``code_button``, ``people_counter``, ``dispenser``,
+``feedback_terminal``, ``ble_receiver``.
 """
 
 from __future__ import annotations
@@ -16,7 +27,9 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,9 +38,10 @@ log = logging.getLogger("sim")
 
 
 @dataclass(frozen=True)
-class Bed:
-    device: str
-    room: str
+class Device:
+    id: str
+    kind: str
+    room: str | None
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,7 @@ class Person:
     id: str
     name: str
     roles: tuple[str, ...]
+    badge: str | None = None
 
 
 @dataclass
@@ -42,7 +57,7 @@ class Behaviour:
     """How the simulated people act; seconds unless named otherwise."""
 
     call_every: tuple[float, float] = (4.0, 9.0)
-    answer_after: tuple[float, float] = (3.0, 12.0)
+    answer_after: tuple[float, float] = (3.0, 10.0)
     work_for: tuple[float, float] = (4.0, 10.0)
     unanswered_share: float = 0.25
     """Share of calls level 1 ignores, so they escalate."""
@@ -50,15 +65,26 @@ class Behaviour:
     cancelled_share: float = 0.15
     """Share of calls the patient cancels at the bedside."""
 
+    walk_in_share: float = 0.5
+    """Share of answered calls closed by the nurse's badge, not a tap."""
 
-class SimulatedWard:
-    """Drives call buttons and pagers for the beds and staff it is given."""
+    code_every: tuple[float, float] = (90.0, 150.0)
+    visit_every: tuple[float, float] = (1.5, 4.0)
+    towels_per_visit: tuple[float, float] = (1.0, 4.0)
+    feedback_share: float = 0.35
+    """Share of restroom visitors who press a smiley."""
+
+    heartbeat_every: float = 20.0
+
+
+class SimulatedFacility:
+    """Drives the devices and pagers of a site, by kind, over MQTT."""
 
     def __init__(
         self,
         site: str,
-        beds: list[Bed],
-        staff: list[Person],
+        devices: Iterable[Device],
+        staff: Iterable[Person],
         host: str,
         port: int,
         username: str | None = None,
@@ -67,16 +93,18 @@ class SimulatedWard:
         seed: int | None = None,
     ) -> None:
         self._site = site
-        self._beds = beds
-        self._staff = staff
+        self._devices = list(devices)
+        self._staff = list(staff)
         self._behaviour = behaviour or Behaviour()
         self._rng = random.Random(seed)
         self._host = host
         self._port = port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handled: set[str] = set()
-        self._ignored: set[str] = set()
+        self._resolved: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._towels = {d.id: 70.0 for d in self._of_kind("dispenser")}
+        self._last_press: dict[str, float] = {}
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"sim-{uuid.uuid4().hex[:8]}"
@@ -89,38 +117,96 @@ class SimulatedWard:
         self._client = client
 
     async def run(self) -> None:
-        """Press buttons until cancelled."""
+        """Simulate until cancelled."""
         self._loop = asyncio.get_running_loop()
         self._client.connect_async(self._host, self._port, keepalive=15)
         self._client.loop_start()
+        activities = [self._patients(), self._codes(), self._restroom()]
+        activities += [self._heartbeats(d) for d in self._of_kind("dispenser")]
         try:
-            # The first patient calls soon after start, so a newcomer sees
-            # something happen at once; then calls come every few seconds.
-            await asyncio.sleep(self._rng.uniform(1.0, 2.0))
-            while True:
-                self._press(self._rng.choice(self._beds), "call")
-                await asyncio.sleep(self._rng.uniform(*self._behaviour.call_every))
+            await asyncio.gather(*activities)
         finally:
             for task in self._tasks:
                 task.cancel()
             self._client.disconnect()
             self._client.loop_stop()
 
-    # -- buttons ----------------------------------------------------------------------
+    # -- the ward ------------------------------------------------------------------
 
-    def _press(self, bed: Bed, kind: str) -> None:
-        event = {
-            "id": uuid.uuid4().hex,
-            "type": kind,
-            "device": bed.device,
-            "ts": time.time(),
-        }
-        topic = f"facility/{self._site}/devices/{bed.device}/events"
-        self._client.publish(topic, json.dumps(event), qos=1)
-        verb = "pressed call" if kind == "call" else "pressed cancel"
-        log.info("%s %s", bed.room, verb)
+    async def _patients(self) -> None:
+        beds = self._of_kind("call_button")
+        if not beds:
+            return
+        # The first patient calls soon after start, so a newcomer sees
+        # something happen at once; then calls come every few seconds.
+        await asyncio.sleep(self._rng.uniform(1.0, 2.0))
+        while True:
+            bed = self._rng.choice(beds)
+            self._send(bed, "call")
+            log.info("%s: patient pressed the call button", bed.room)
+            await asyncio.sleep(self._rng.uniform(*self._behaviour.call_every))
 
-    # -- pagers ----------------------------------------------------------------------
+    async def _codes(self) -> None:
+        stations = self._of_kind("code_button")
+        if not stations:
+            return
+        while True:
+            await asyncio.sleep(self._rng.uniform(*self._behaviour.code_every))
+            station = self._rng.choice(stations)
+            self._send(station, "call")
+            log.info("%s: CODE call raised at the bedside", station.room)
+            await asyncio.sleep(self._rng.uniform(15.0, 25.0))
+            self._send(station, "cancel")
+            log.info(
+                "%s: code team cancelled the code call at the station", station.room
+            )
+
+    # -- the restroom ----------------------------------------------------------------
+
+    async def _restroom(self) -> None:
+        doors = self._of_kind("people_counter")
+        if not doors:
+            return
+        terminals = self._of_kind("feedback_terminal")
+        while True:
+            await asyncio.sleep(self._rng.uniform(*self._behaviour.visit_every))
+            door = self._rng.choice(doors)
+            self._send(door, "visit")
+            self._use_towels(door.room)
+            if terminals and self._rng.random() < self._behaviour.feedback_share:
+                terminal = self._rng.choice(terminals)
+                # One guest at a time: presses closer than a few seconds are
+                # what the feedback rule throws away as misuse.
+                if time.monotonic() - self._last_press.get(terminal.id, 0.0) > 4.0:
+                    self._last_press[terminal.id] = time.monotonic()
+                    self._feedback(terminal)
+
+    def _use_towels(self, room: str | None) -> None:
+        for dispenser in self._of_kind("dispenser"):
+            if dispenser.room != room:
+                continue
+            used = self._rng.uniform(*self._behaviour.towels_per_visit)
+            self._towels[dispenser.id] = max(0.0, self._towels[dispenser.id] - used)
+            self._report_towels(dispenser)
+
+    def _report_towels(self, dispenser: Device) -> None:
+        level = round(self._towels[dispenser.id], 1)
+        self._send(dispenser, "reading", reading="towel_level", value=level)
+
+    def _feedback(self, terminal: Device) -> None:
+        low = min(self._towels.values(), default=100.0) < 20.0
+        unhappy = self._rng.random() < (0.7 if low else 0.1)
+        score = self._rng.choice(
+            ["unhappy", "very_unhappy"] if unhappy else ["happy", "very_happy"]
+        )
+        self._send(terminal, "feedback", score=score)
+
+    async def _heartbeats(self, dispenser: Device) -> None:
+        while True:
+            await asyncio.sleep(self._behaviour.heartbeat_every)
+            self._send(dispenser, "heartbeat")
+
+    # -- pagers ------------------------------------------------------------------------
 
     def _on_connect(self, client: paho.Client, *args: object) -> None:
         client.subscribe(f"facility/{self._site}/pagers/+", qos=1)
@@ -128,58 +214,124 @@ class SimulatedWard:
     def _on_message(
         self, client: paho.Client, userdata: object, message: paho.MQTTMessage
     ) -> None:
-        if self._loop is None:
+        if self._loop is None or not message.payload:
             return
         note = json.loads(message.payload)
         self._loop.call_soon_threadsafe(self._on_page, note)
 
-    def _on_page(self, note: dict[str, object]) -> None:
+    def _on_page(self, note: dict[str, Any]) -> None:
         alert = str(note["alert"])
-        if note["reason"] not in ("opened", "escalated") or alert in self._handled:
+        if note["reason"] == "resolved":
+            self._resolved.add(alert)
             return
-        role = str(note.get("level", 1))
+        reasons = ("opened", "escalated", "released")
+        if note["reason"] not in reasons or alert in self._handled:
+            return
+        if note.get("priority") == "code":
+            return  # the code team answers at the bedside and cancels there
+        if note.get("device") in {d.id for d in self._of_kind("call_button")}:
+            self._on_call(alert, note)
+        else:
+            self._handled.add(alert)
+            self._spawn(self._service_restroom(alert, note))
+
+    def _on_call(self, alert: str, note: dict[str, Any]) -> None:
         behaviour = self._behaviour
         if note["reason"] == "opened":
             draw = self._rng.random()
             if draw < behaviour.cancelled_share:
                 self._handled.add(alert)
-                self._spawn(self._cancel_at_bedside(alert, str(note["device"])))
+                self._spawn(self._cancel_at_bedside(str(note["device"])))
                 return
             if draw < behaviour.cancelled_share + behaviour.unanswered_share:
-                log.debug("Nobody answers alert %s at level %s", alert, role)
-                return
+                return  # nobody answers: it will escalate
         self._handled.add(alert)
         self._spawn(self._answer(alert, note))
 
-    async def _answer(self, alert: str, note: dict[str, object]) -> None:
+    async def _answer(self, alert: str, note: dict[str, Any]) -> None:
         behaviour = self._behaviour
         person = self._someone_for(note)
         await asyncio.sleep(self._rng.uniform(*behaviour.answer_after))
         self._command(alert, "ack", person)
+        room = note.get("room")
+        if person.badge and room and self._rng.random() < behaviour.walk_in_share:
+            # Walking in: the badge in the room closes the call by itself.
+            await self._visit(person, str(room), self._rng.uniform(8.0, 14.0))
+            return
         await asyncio.sleep(self._rng.uniform(*behaviour.work_for))
         self._command(alert, "resolve", person)
 
-    async def _cancel_at_bedside(self, alert: str, device: str) -> None:
+    async def _cancel_at_bedside(self, device: str) -> None:
         await asyncio.sleep(self._rng.uniform(2.0, 6.0))
-        bed = next(bed for bed in self._beds if bed.device == device)
-        self._press(bed, "cancel")
+        bed = next(d for d in self._devices if d.id == device)
+        self._send(bed, "cancel")
+        log.info("%s: patient cancelled the call at the bedside", bed.room)
 
-    def _someone_for(self, note: dict[str, object]) -> Person:
+    async def _service_restroom(self, alert: str, note: dict[str, Any]) -> None:
+        cleaner = self._someone_for(note)
+        await asyncio.sleep(self._rng.uniform(5.0, 12.0))
+        if alert in self._resolved:
+            return  # someone else's visit closed it meanwhile
+        self._command(alert, "ack", cleaner)
+        place = self._restroom_room()
+        if cleaner.badge is None or place is None:
+            await asyncio.sleep(self._rng.uniform(5.0, 10.0))
+            self._command(alert, "resolve", cleaner)
+            return
+        for dispenser in self._of_kind("dispenser"):
+            self._towels[dispenser.id] = 100.0
+            self._report_towels(dispenser)
+        await self._visit(cleaner, place, self._rng.uniform(10.0, 16.0))
+        # The visit resets a count by itself; other gaps need a tap.
+        if alert not in self._resolved:
+            self._command(alert, "resolve", cleaner)
+
+    async def _visit(self, person: Person, room: str, stay: float) -> None:
+        receiver = self._receiver()
+        if receiver is None:
+            return
+        self._send(receiver, "enter", badge=person.badge, zone=room, rssi=-58)
+        log.info("%s: %s walked in (badge %s)", room, person.name, person.badge)
+        await asyncio.sleep(stay)
+        self._send(receiver, "leave", badge=person.badge, zone=room)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _someone_for(self, note: dict[str, Any]) -> Person:
         target = str(note.get("target", ""))
-        level = int(str(note.get("level", 1)))
-        # The pager topic names a role; pick someone who has it, or anyone.
+        # The pager topic names a role or a person; pick someone who fits.
         wanted = [p for p in self._staff if target in p.roles or p.id == target]
-        if not wanted:
-            wanted = self._staff[: max(1, level)]
-        return self._rng.choice(wanted)
+        return self._rng.choice(wanted or self._staff)
+
+    def _of_kind(self, kind: str) -> list[Device]:
+        return [device for device in self._devices if device.kind == kind]
+
+    def _receiver(self) -> Device | None:
+        receivers = self._of_kind("ble_receiver")
+        return receivers[0] if receivers else None
+
+    def _restroom_room(self) -> str | None:
+        doors = self._of_kind("people_counter")
+        return doors[0].room if doors else None
+
+    def _send(self, device: Device, kind: str, **fields: Any) -> None:
+        event = {
+            "id": uuid.uuid4().hex,
+            "type": kind,
+            "device": device.id,
+            "ts": time.time(),
+            **fields,
+        }
+        topic = f"facility/{self._site}/devices/{device.id}/events"
+        self._client.publish(topic, json.dumps(event), qos=1)
 
     def _command(self, alert: str, verb: str, person: Person) -> None:
         topic = f"facility/{self._site}/alerts/{alert}/{verb}"
         body = {"id": uuid.uuid4().hex, "staff": person.id}
         self._client.publish(topic, json.dumps(body), qos=1)
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

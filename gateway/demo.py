@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from drivers.simulator import Bed, Person, SimulatedWard
+from drivers.simulator import Device, Person, SimulatedFacility
 from gateway.broker import BrokerError, PrivateBroker, free_port, port_answers
 from gateway.config import GatewayConfig, load_config
 from gateway.runner import run_gateway
@@ -70,28 +70,24 @@ async def _demo(
     duration: float | None,
 ) -> None:
     gateway = Gateway(config)
-    ward = SimulatedWard(
+    facility = SimulatedFacility(
         config.site.id,
-        beds=[
-            Bed(device.id, device.room or device.id)
-            for device in config.devices
-            if device.kind == "call_button"
-        ],
-        staff=[Person(s.id, s.name, s.roles) for s in config.staff],
+        devices=[Device(d.id, d.kind, d.room) for d in config.devices],
+        staff=[Person(s.id, s.name, s.roles, s.badge) for s in config.staff],
         host=config.mqtt.host,
         port=config.mqtt.port,
         username=sim_user,
         password=sim_password,
     )
     log.info(
-        "Demo ward %r: %d beds, %d staff. Floor view: http://%s:%d/  (Ctrl-C stops)",
+        "Demo site %r: %d devices, %d staff. Floor view: http://%s:%d/  (Ctrl-C stops)",
         config.site.name or config.site.id,
         len(config.devices),
         len(config.staff),
         config.web.host,
         config.web.port,
     )
-    companions = [ward.run()]
+    companions = [facility.run()]
     if duration is not None:
         companions.append(_stop_after(duration))
     await run_gateway(gateway, *companions)

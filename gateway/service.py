@@ -419,18 +419,25 @@ def _alert_id() -> str:
 
 
 def _log_transition(change: Change) -> None:
+    """One line per transition: what, where, which rule, level, who and how."""
     alert = change.alert
-    where = alert.room or alert.device
-    late = " (late)" if alert.late and change.kind == "escalated" else ""
-    by = f" by {change.actor}" if change.actor else ""
+    where = alert.room or alert.zone or alert.device
+    notes = []
+    if alert.late and change.kind in ("escalated", "reminded", "reopened"):
+        notes.append("late")
+    if alert.held:
+        notes.append("pages held")
+    if alert.priority != "routine":
+        notes.append(alert.priority.upper())
+    by = f"by {change.actor} " if change.actor else ""
     transitions_log.info(
-        "%-12s %s  %s  level %d  %s%s via %s%s",
+        "%-12s %-9s %-18s level %d  %svia %s%s  [%s]",
         change.kind.upper(),
-        alert.id,
         where,
+        alert.rule,
         alert.level,
-        alert.priority,
         by,
         change.via,
-        late,
+        f" ({', '.join(notes)})" if notes else "",
+        alert.id[:8],
     )
