@@ -10,12 +10,13 @@ pulls it low, so no resistor is needed. A light's pin drives a transistor or a
 relay module, never the lamp itself: a pin gives 3.3 V and a few milliamps.
 ``firmware-config/README.md`` has the wiring table.
 
-Debounce. gpiozero's own ``bounce_time`` is not used. Depending on the pin
-factory it either ignores edges for a while after the first one, which can
-swallow the release so that the next real press is lost, or it is not
-implemented at all (the mock factory). Instead each edge only restarts a quiet
-timer; once a pin's contacts have been quiet for ``bounce_time`` its *level* is
-read and compared with the last confirmed state::
+Debounce. gpiozero's own ``bounce_time`` is not used: its meaning depends on
+the pin factory. RPi.GPIO and the native factory ignore edges for a while after
+one, which can swallow a release so that the next real press looks like no
+change and is lost; lgpio filters differently; the mock factory ignores it, so
+tests could not show it works. Here, on every factory, each edge only restarts
+a quiet timer; once a pin's contacts have been quiet for ``bounce_time`` its
+*level* is read and compared with the last confirmed state::
 
     contacts   ‾‾‾‾|_|‾|_|‾|__________________|‾|_|‾|‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾
     edges          ^ ^ ^ ^ ^                  ^ ^ ^ ^
@@ -24,18 +25,19 @@ read and compared with the last confirmed state::
                                    press sent                   released
 
 A bounce train therefore yields one transition, however many edges it has,
-and a lost edge cannot lose a press, because the level is read, not inferred
-from edges. A press or a gap between presses shorter than ``bounce_time`` (a
-glitch, not a finger) is ignored.
+and an edge lost within a train cannot lose a press, because the level is
+read, not inferred from edges. A press, or a gap between presses, shorter
+than ``bounce_time`` is a glitch, not a finger, and is ignored.
 
 Hold. The ``press`` event is sent the moment a press is confirmed and the
 ``hold`` event, if configured, once the button has stayed down for
-``hold_time``: in addition to the press, never instead of it. Waiting to see
+``hold_time`` (gpiozero's hold thread times it from the last edge of the
+press): in addition to the press, never instead of it. Waiting to see
 whether a press becomes a hold would delay every call, and would turn a
 patient who keeps the button down into a hold. A button with only ``hold``
 (a cancel button that needs a deliberate two-second press) sends nothing on
 a short press. A button already down when the driver starts counts as a press
-(a stuck or held call button raises its call) but never as a hold.
+(a stuck or held call button raises its call) but never as a hold::
 
     released --(quiet, low)--> pressed --(hold_time)--> held
        ^                          |                       |
@@ -277,7 +279,7 @@ class _Button:
     """Edges seen since the level was last read."""
 
     starting: bool = True
-    """The first reading, at start: a press then was already down."""
+    """No edge since start: a press read now was already down at start."""
 
 
 @dataclass
@@ -325,6 +327,9 @@ class GPIODriver:
         self._counts = {spec.device: _Counts() for spec in settings.buttons}
         self._bounces = 0
         self._pressed_at_start = 0
+
+        # Errors come from every thread and every lock; this one is taken last.
+        self._errors_lock = threading.Lock()
         self._errors = 0
         self._last_error: str | None = None
 
@@ -377,7 +382,11 @@ class GPIODriver:
         )
 
     def stop(self) -> None:
-        """Stop reading, turn the lights off and release every pin; safe twice."""
+        """Stop reading, turn the lights off and release every pin; safe twice.
+
+        A button with a hold that is down at this moment delays this by up to
+        its hold time: gpiozero's hold thread must time out before it ends.
+        """
         with self._lock:
             worker, self._worker = self._worker, None
             buttons, self._buttons = self._buttons, []
@@ -464,6 +473,7 @@ class GPIODriver:
             if self._stopping:
                 return
             button.edges += 1
+            button.starting = False  # this edge, not the start, explains a press
             button.settle_at = self._clock() + button.spec.bounce_time
             self._lock.notify()
 
@@ -541,7 +551,8 @@ class GPIODriver:
         event = make_event(spec.device, kind, **spec.fields)
         log.debug("pin %d (%s): %s %s", spec.pin, spec.device, kind, event.id)
         if self._emit is not None:
-            self._emit(event)
+            with self._guard(spec, f"sending {kind}"):
+                self._emit(event)
 
     @contextmanager
     def _guard(self, spec: ButtonPin | LightPin, action: str) -> Iterator[None]:
@@ -550,7 +561,7 @@ class GPIODriver:
             yield
         except Exception as exc:
             log.exception("GPIO pin %d (%s): %s failed", spec.pin, spec.device, action)
-            with self._lock:  # re-entrant: callers may hold it already
+            with self._errors_lock:
                 self._errors += 1
                 self._last_error = f"pin {spec.pin} ({spec.device}) {action}: {exc!r}"
 
@@ -609,9 +620,10 @@ class GPIODriver:
                 "devices": {d: asdict(c) for d, c in self._counts.items()},
                 "bounces_suppressed": self._bounces,
                 "pressed_at_start": self._pressed_at_start,
-                "errors": self._errors,
-                "last_error": self._last_error,
             }
+        with self._errors_lock:
+            report["errors"] = self._errors
+            report["last_error"] = self._last_error
         with self._lights_lock:
             report["lights_shown"] = dict(self._shown)
         return report
@@ -645,11 +657,13 @@ def _open(spec: ButtonPin | LightPin, make: Callable[[], Any]) -> Any:
 
 def _button(spec: ButtonPin, factory: Factory) -> Button:
     # bounce_time=None: the driver debounces itself (see the module docstring).
+    # Every Button runs a hold thread, and close() waits for it while the
+    # button is down for up to hold_time; without a hold, make that nothing.
     return Button(
         spec.pin,
         pull_up=spec.pull_up,
         bounce_time=None,
-        hold_time=spec.hold_time,
+        hold_time=spec.hold_time if spec.hold is not None else 0,
         pin_factory=factory,
     )
 

@@ -44,15 +44,15 @@ restarted when the receiver has not heard the badge for ``fresh_for``), a
 receiver's ``rssi_offset`` is added, and readings under ``rssi_floor`` are
 dropped. A place is as strong as its strongest fresh receiver. Then::
 
-                 best place at >= enter_rssi for dwell
-      nowhere ─────────────────────────────────────────► in place P ──┐
-         ▲                                                   │        │ place Q at
-         │  P not heard at >= leave_rssi for away_timeout    │        │ >= enter_rssi beats
-         ├───────────────────── leave (away) ────────────────┤        │ P by switch_margin
-         │                                                   │        │ for dwell:
-         │  two places at >= conflict_rssi at once           │        │ leave P (moved),
-         └───────────────────── leave (conflict) ────────────┘        │ enter Q
-                                                              ◄───────┘
+                best place at >= enter_rssi for dwell
+      nowhere ─────────────────────────────────────────► in place P
+         ▲                                                 │    │
+         │ P not heard at >= leave_rssi for away_timeout   │    │ Q at >= enter_rssi
+         ├──────────────── leave P (away) ─────────────────┤    │ beats P by
+         │ two places at >= conflict_rssi at once          │    │ switch_margin for
+         └──────────────── leave P (conflict) ─────────────┘    │ dwell: leave P
+                                                                ▼ (moved), enter Q
+                                                           in place Q
 
 Entering needs a stronger signal than staying (``enter_rssi`` above
 ``leave_rssi``), and a neighbouring room must beat the current one by
@@ -180,7 +180,9 @@ def _canonical_ibeacon(rest: str, text: str) -> str:
     try:
         beacon_uuid = uuid.UUID(parts[0])
     except ValueError:
-        raise ValueError(f"badge id {text!r:.80}: {parts[0]!r:.40} is not a UUID") from None
+        raise ValueError(
+            f"badge id {text!r:.80}: {parts[0]!r:.40} is not a UUID"
+        ) from None
     numbers = [part.strip() for part in parts[1:]]
     if not all(n.isdecimal() and n.isascii() and int(n) <= _MAX_U16 for n in numbers):
         raise ValueError(f"badge id {text!r:.80} is not {expected}")
@@ -337,7 +339,8 @@ class PresenceEstimator:
         """Sightings used (known badge, known receiver, above the floor)."""
 
         self.ignored: Counter[str] = Counter()
-        """Sightings not used, by reason: unknown_badge, unknown_receiver, weak."""
+        """Sightings not used, by reason: ``unknown_badge``, ``unknown_receiver``,
+        ``weak`` (under the floor), ``bad_rssi``; the tracker adds ``not_started``."""
 
         self.conflicts = 0
         """Times a badge was heard strongly in two places at once."""
@@ -372,7 +375,9 @@ class PresenceEstimator:
             if track.place is not None
         }
 
-    def restore(self, present: Iterable[tuple[str, str]], now: float) -> list[tuple[str, str]]:
+    def restore(
+        self, present: Iterable[tuple[str, str]], now: float
+    ) -> list[tuple[str, str]]:
         """Take (badge, place) pairs the engine still holds after a restart.
 
         Each is assumed present as of ``now``, so it leaves after
@@ -383,12 +388,12 @@ class PresenceEstimator:
         refused = []
         for badge, place in present:
             receiver = self._receiver_for(place)
-            track = self._tracks.setdefault(badge, _Track())
-            if badge not in self._badges or receiver is None or track.place is not None:
+            placed = badge in self.present()
+            if badge not in self._badges or receiver is None or placed:
                 refused.append((badge, place))
                 continue
+            track = self._tracks.setdefault(badge, _Track())
             track.place, track.receiver, track.held = place, receiver, now
-        self._tracks = {b: t for b, t in self._tracks.items() if not t.idle}
         return refused
 
     # -- sightings ------------------------------------------------------------
@@ -421,7 +426,9 @@ class PresenceEstimator:
 
     def _forget_stale(self, track: _Track, now: float) -> None:
         fresh_for = self.settings.fresh_for
-        for receiver in [r for r, s in track.signals.items() if now - s.last > fresh_for]:
+        for receiver in [
+            r for r, s in track.signals.items() if now - s.last > fresh_for
+        ]:
             del track.signals[receiver]
 
     # -- decisions ------------------------------------------------------------
@@ -479,7 +486,9 @@ class PresenceEstimator:
         # Hysteresis: a conflict starts on two strong readings within the
         # short window, and ends only when the other reading is stale, so the
         # clone's last average cannot win the moment it falls silent.
-        window = self.settings.fresh_for if track.conflict else self.settings.conflict_window
+        window = (
+            self.settings.fresh_for if track.conflict else self.settings.conflict_window
+        )
         strong = {
             self.settings.receivers[receiver].place
             for receiver, signal in track.signals.items()
@@ -500,13 +509,23 @@ class PresenceEstimator:
         return conflict
 
     def _enter(
-        self, badge: str, track: _Track, place: str, strength: tuple[float, str], now: float
+        self,
+        badge: str,
+        track: _Track,
+        place: str,
+        strength: tuple[float, str],
+        now: float,
     ) -> Event:
         rssi, receiver = strength
         track.place, track.receiver, track.held = place, receiver, now
         track.candidate = None
         return make_event(
-            receiver, ENTER, clock=lambda: now, badge=badge, zone=place, rssi=round(rssi, 1)
+            receiver,
+            ENTER,
+            clock=lambda: now,
+            badge=badge,
+            zone=place,
+            rssi=round(rssi, 1),
         )
 
     def _leave(self, badge: str, track: _Track, now: float, reason: str) -> Event:
@@ -539,7 +558,9 @@ def parse_sighting(
     if badge is None:
         raise RejectedMessage("missing_field", "required field 'badge' is missing")
     if not isinstance(badge, str):
-        raise RejectedMessage("bad_field", f"'badge' must be a string, got {badge!r:.60}")
+        raise RejectedMessage(
+            "bad_field", f"'badge' must be a string, got {badge!r:.60}"
+        )
     try:
         badge = canonical_badge_id(badge)
     except ValueError as exc:
@@ -565,8 +586,14 @@ def _number(body: Mapping[str, Any], key: str) -> float | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RejectedMessage("bad_field", f"{key!r} must be a number, got {value!r:.60}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+    ):
+        raise RejectedMessage(
+            "bad_field", f"{key!r} must be a number, got {value!r:.60}"
+        )
     return float(value)
 
 
@@ -670,7 +697,9 @@ class PresenceTracker:
         emit = self._emit
         assert emit is not None  # checked by the callers, under the lock
         for event in events:
-            log.debug("%s %s %s", event.type, event.fields["badge"], event.fields["zone"])
+            log.debug(
+                "%s %s %s", event.type, event.fields["badge"], event.fields["zone"]
+            )
             emit(event)
         self.events += len(events)
 

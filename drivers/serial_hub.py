@@ -698,6 +698,7 @@ class SerialHubDriver:
         finally:
             with self._lock:
                 self._port = None
+                self._health.connected = False
             with contextlib.suppress(OSError):
                 port.close()
             self._feed_lines(self._splitter.flush())
@@ -729,7 +730,7 @@ class SerialHubDriver:
             return
         self._down_since = time.monotonic()
         log.warning(
-            "Serial hub port %s %s; retrying with backoff up to %.0f s",
+            "Serial hub port %s %s; retrying with backoff up to %g s",
             self.settings.port,
             error,
             self.settings.reopen_max,
@@ -822,16 +823,17 @@ class SerialHubDriver:
         if hidden is None:
             return
         port, frame = self._where(line)
+        earlier = f"; {hidden} more since the last report" if hidden else ""
         log.warning(
-            "Serial hub port %s rejected frame %s (%s: %s); more %s rejects are "
-            "only counted until %.0f s pass without one (%d since the last report)",
+            "Serial hub port %s rejected frame %s (%s: %s); further %s rejects "
+            "are only counted until %.0f s pass without one%s",
             port,
             frame,
             error.reason,
             error.detail,
             error.reason,
             LOG_QUIET,
-            hidden,
+            earlier,
         )
 
     def _count_reject(self, reason: str) -> None:
