@@ -22,11 +22,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from gateway.runner import run_gateway
     from gateway.service import Gateway
+    from gateway.sources import build_drivers
 
     config = _load_or_explain(args.config)
     if config is None:
         return EXIT_BAD_CONFIG
-    asyncio.run(run_gateway(Gateway(config)))
+    asyncio.run(run_gateway(Gateway(config, drivers=build_drivers(config))))
     return 0
 
 

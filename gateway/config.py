@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
+from drivers.gpio import GPIOSettings
 from drivers.mqtt_native import MappedDevice
 from rules.schema import (
     RULE_KINDS,
@@ -124,10 +125,14 @@ class GatewayConfig(StrictModel):
     mqtt_devices: tuple[MappedDevice, ...] = ()
     """ESPHome and Zigbee2MQTT devices mapped from their own topics."""
 
+    gpio: GPIOSettings | None = None
+    """Buttons and lights on the Pi's own pins."""
+
     def problems(self) -> list[tuple[Loc, str]]:
         """Cross-references that the field types alone cannot check."""
         found = self.physical_unchecked().problems()
         devices = {device.id for device in self.devices}
+        found.extend(self._gpio_problems(devices))
         topics: set[str] = set()
         for index, mapped in enumerate(self.mqtt_devices):
             if mapped.device not in devices:
@@ -177,6 +182,23 @@ class GatewayConfig(StrictModel):
                             )
                         )
                 found.extend(self._target_problems(r, lv, level))
+        return found
+
+    def _gpio_problems(self, devices: set[str]) -> list[tuple[Loc, str]]:
+        if self.gpio is None:
+            return []
+        found: list[tuple[Loc, str]] = []
+        pins = [("buttons", self.gpio.buttons), ("lights", self.gpio.lights)]
+        for section, specs in pins:
+            for index, spec in enumerate(specs):
+                if spec.device not in devices:
+                    found.append(
+                        (
+                            ("gpio", section, index, "device"),
+                            f"pin {spec.pin}: device {spec.device!r} is not under "
+                            "'devices:'",
+                        )
+                    )
         return found
 
     def _target_problems(

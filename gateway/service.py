@@ -118,6 +118,10 @@ class Gateway:
         for driver in self.drivers:
             driver.start(self._from_driver)
             log.info("Started driver %s", driver.name)
+        # Lights and displays on drivers show the restored alerts at once.
+        self._show_on_drivers(
+            [Change(a.snapshot(), "restored") for a in self.engine.alerts]
+        )
         self._ready.set()
         try:
             await self._process_forever()

@@ -142,7 +142,10 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite_utils.Database(self.path)
+        # Opened by whoever builds the gateway, then used only by its event
+        # loop's thread: one thread at a time, but not always the first one.
+        connection = sqlite3.connect(self.path, check_same_thread=False)
+        self.db = sqlite_utils.Database(connection)
         conn = self.db.conn
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL syncs the WAL on every commit: a returned commit survives a

@@ -42,6 +42,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             "events_accepted": gateway.accepted,
             "commits": gateway.store.commits,
             "messages_rejected": dict(gateway.rejected),
+            "drivers": {d.name: dict(d.health()) for d in gateway.drivers},
         }
 
     @app.get("/api/alerts")
