@@ -19,8 +19,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
+from drivers.ble import BLESettings
 from drivers.gpio import GPIOSettings
 from drivers.mqtt_native import MappedDevice
+from drivers.presence import PresenceSettings, canonical_badge_id
 from rules.schema import (
     RULE_KINDS,
     CompositeRule,
@@ -128,11 +130,18 @@ class GatewayConfig(StrictModel):
     gpio: GPIOSettings | None = None
     """Buttons and lights on the Pi's own pins."""
 
+    presence: PresenceSettings | None = None
+    """BLE receivers (this gateway's adapter, ESP32 receivers) and thresholds."""
+
+    ble: BLESettings | None = None
+    """This gateway's own Bluetooth adapter as a badge receiver."""
+
     def problems(self) -> list[tuple[Loc, str]]:
         """Cross-references that the field types alone cannot check."""
         found = self.physical_unchecked().problems()
         devices = {device.id for device in self.devices}
         found.extend(self._gpio_problems(devices))
+        found.extend(self._presence_problems(devices))
         topics: set[str] = set()
         for index, mapped in enumerate(self.mqtt_devices):
             if mapped.device not in devices:
@@ -199,6 +208,55 @@ class GatewayConfig(StrictModel):
                             "'devices:'",
                         )
                     )
+        return found
+
+    def _presence_problems(self, devices: set[str]) -> list[tuple[Loc, str]]:
+        found: list[tuple[Loc, str]] = []
+        if self.ble is not None and (
+            self.presence is None or self.ble.receiver not in self.presence.receivers
+        ):
+            found.append(
+                (
+                    ("ble", "receiver"),
+                    f"receiver {self.ble.receiver!r} must be listed under "
+                    "'presence: receivers:' to say where it is",
+                )
+            )
+        if self.presence is None:
+            return found
+        places = {zone.id for zone in self.zones}
+        places |= {room.id for zone in self.zones for room in zone.rooms}
+        for device, receiver in self.presence.receivers.items():
+            if device not in devices:
+                found.append(
+                    (
+                        ("presence", "receivers", device),
+                        f"receiver {device!r} is not under 'devices:'",
+                    )
+                )
+            if receiver.place not in places:
+                found.append(
+                    (
+                        ("presence", "receivers", device),
+                        f"place {receiver.place!r} is no room or zone of the site",
+                    )
+                )
+        for index, member in enumerate(self.staff):
+            if member.badge is None:
+                continue
+            try:
+                canonical = canonical_badge_id(member.badge)
+            except ValueError as exc:
+                found.append((("staff", index, "badge"), str(exc)))
+                continue
+            if canonical != member.badge:
+                found.append(
+                    (
+                        ("staff", index, "badge"),
+                        f"write the badge id as {canonical!r}, the form "
+                        "receivers report",
+                    )
+                )
         return found
 
     def _target_problems(

@@ -45,6 +45,10 @@ class Topics:
         )
 
     @property
+    def sightings(self) -> str:
+        return f"{self.base}/devices/+/sightings"
+
+    @property
     def status(self) -> str:
         return f"{self.base}/gateways/{self.gateway}/status"
 
@@ -77,6 +81,8 @@ class Topics:
             return ("unsilence", parts[3])
         if parts[2] == "devices" and parts[4] == "events":
             return ("event", parts[3])
+        if parts[2] == "devices" and parts[4] == "sightings":
+            return ("sighting", parts[3])
         if parts[2] == "alerts" and parts[4] in ("ack", "resolve"):
             return (parts[4], parts[3])
         return None

@@ -20,9 +20,10 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from zoneinfo import ZoneInfo
 
-from drivers.base import Driver
+from drivers.base import Driver, make_event
 from drivers.mqtt_device import RejectedMessage, parse_event
 from drivers.mqtt_native import NativeDevices
+from drivers.presence import PresenceTracker
 from gateway.config import GatewayConfig
 from gateway.contract import (
     SilenceRequest,
@@ -89,13 +90,19 @@ class Gateway:
         self._shown_silences: set[str] = set()
 
         self.native = NativeDevices(config.mqtt_devices)
+        self._tracker = next(
+            (d for d in self.drivers if isinstance(d, PresenceTracker)), None
+        )
+        extra_topics = self.native.topics
+        if self._tracker is not None:
+            extra_topics += (self.topics.sightings,)
         self.link = MQTTLink(
             config.mqtt,
             self.topics,
             client_id=f"gateway-{config.site.id}-{config.gateway.id}",
             on_message=self._receive,
             on_connected=self._link_up,
-            extra_topics=self.native.topics,
+            extra_topics=extra_topics,
         )
 
     @property
@@ -114,6 +121,7 @@ class Gateway:
         # over it paused a call for 20-70 ms in the benchmark.
         gc.collect()
         gc.freeze()
+        self._restore_presence()
         self.link.start()
         for driver in self.drivers:
             driver.start(self._from_driver)
@@ -137,6 +145,21 @@ class Gateway:
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+
+    def _restore_presence(self) -> None:
+        """Tell the tracker who the engine believes is where, after a restart."""
+        if self._tracker is None:
+            return
+        here = self.engine.dump_state().get("presence") or {}
+        pairs = [(badge, place) for place, badges in here.items() for badge in badges]
+        refused = self._tracker.restore(pairs)
+        receivers = list(self._tracker.estimator.settings.receivers)
+        for badge, place in refused:
+            # The tracker cannot hold this badge there, so it would never
+            # send the leave: send it now, or the badge stays in for ever.
+            leave = make_event(receivers[0], "leave", badge=badge, zone=place)
+            self._inbox.append(leave)
+            self._wake.set()
 
     def _restore(self) -> None:
         alerts = self.store.unresolved_alerts()
@@ -170,8 +193,29 @@ class Gateway:
     ) -> None:
         """Called on paho's thread: hand the message to the loop, nothing more."""
         loop = self._loop
+        if self._tracker is not None and topic.endswith("/sightings"):
+            self._sighting(topic, payload, receipt)
+            return
         if loop is not None:
             loop.call_soon_threadsafe(self._enqueue, (topic, payload, retain, receipt))
+
+    def _sighting(self, topic: str, payload: bytes, receipt: Receipt) -> None:
+        """A badge sighting from an ESP32 receiver, on paho's thread.
+
+        Sightings are many and change nothing by themselves, so they go
+        straight to the presence tracker (thread-safe) instead of the commit
+        loop; only the enter and leave events it derives are committed.
+        """
+        route = self.topics.parse(topic)
+        limit = self.config.mqtt.max_payload
+        try:
+            if route is None or route[0] != "sighting" or self._tracker is None:
+                raise RejectedMessage("unknown_topic", f"no handler for {topic}")
+            self._tracker.feed_message(route[1], payload, limit)
+        except RejectedMessage as exc:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._reject, topic, exc)
+        self.link.ack(receipt)
 
     def _from_driver(self, event: Event) -> None:
         """Called on a driver's thread: queue the event for the loop."""
