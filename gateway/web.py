@@ -51,6 +51,22 @@ def create_app(gateway: Gateway) -> FastAPI:
         alerts = sorted(gateway.engine.alerts, key=lambda a: (-a.level, a.opened_at))
         return [alert_record(alert) for alert in alerts]
 
+    @app.get("/api/site")
+    async def site() -> dict[str, Any]:
+        """Names for ids, so displays can say "Room 301", not "room-301"."""
+        config = gateway.config
+        return {
+            "id": config.site.id,
+            "name": config.site.name or config.site.id,
+            "zones": {zone.id: zone.name or zone.id for zone in config.zones},
+            "rooms": {
+                room.id: room.name or room.id
+                for zone in config.zones
+                for room in zone.rooms
+            },
+            "staff": {member.id: member.name for member in config.staff},
+        }
+
     @app.get("/api/alerts/{alert_id}")
     async def alert_detail(alert_id: str) -> dict[str, Any]:
         row = gateway.store.alert(alert_id)

@@ -86,3 +86,11 @@ def test_taken_web_port_does_not_stop_alerting(start_gateway, mqtt, topics):
         display = mqtt(topics.alerts)
         mqtt().publish(topics.events("call-1"), event("call-1"))
         display.wait_for_json(device="call-1", state="open")
+
+
+def test_site_names_for_displays(gateway):
+    """/api/site maps ids to the names a wall display shows."""
+    body = get(gateway, "/api/site").json()
+    assert body["rooms"]["room-1"] == "Room 1"
+    assert body["zones"] == {"west": "West wing"}
+    assert body["staff"]["ana"] == "Ana Silva"
