@@ -805,16 +805,27 @@ class SerialHubDriver:
     ) -> None:
         if verdict == RESTART and self._burst.due(f"restart {frame.hub}") is not None:
             log.info("Serial hub %s restarted (sequence 0)", frame.hub)
-        elif verdict in (GAP, BACKWARDS):
-            if self._burst.due(f"gap {frame.hub}") is None:
-                return
+        if (
+            verdict not in (GAP, BACKWARDS)
+            or self._burst.due(f"gap {frame.hub}") is None
+        ):
+            return
+        if verdict == GAP:
             log.warning(
-                "Serial hub %s: sequence jumped from %s to %d (%d frames lost); "
-                "further jumps are counted in health",
+                "Serial hub %s: sequence jumped from %s to %d, %d frames lost; "
+                "further jumps are only counted",
                 frame.hub,
                 last,
                 frame.seq,
                 missed,
+            )
+        else:
+            log.warning(
+                "Serial hub %s: sequence went back from %s to %d (a restart "
+                "whose boot frame was lost?); further jumps are only counted",
+                frame.hub,
+                last,
+                frame.seq,
             )
 
     def _reject(self, error: FrameError, line: bytes) -> None:

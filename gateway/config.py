@@ -23,6 +23,7 @@ from drivers.ble import BLESettings
 from drivers.gpio import GPIOSettings
 from drivers.mqtt_native import MappedDevice
 from drivers.presence import PresenceSettings, canonical_badge_id
+from drivers.serial_hub import SerialHubSettings
 from rules.schema import (
     RULE_KINDS,
     CompositeRule,
@@ -136,12 +137,16 @@ class GatewayConfig(StrictModel):
     ble: BLESettings | None = None
     """This gateway's own Bluetooth adapter as a badge receiver."""
 
+    serial_hubs: tuple[SerialHubSettings, ...] = ()
+    """Room and restroom sensor hubs on serial ports, one entry per port."""
+
     def problems(self) -> list[tuple[Loc, str]]:
         """Cross-references that the field types alone cannot check."""
         found = self.physical_unchecked().problems()
         devices = {device.id for device in self.devices}
         found.extend(self._gpio_problems(devices))
         found.extend(self._presence_problems(devices))
+        found.extend(self._serial_hub_problems(devices))
         topics: set[str] = set()
         for index, mapped in enumerate(self.mqtt_devices):
             if mapped.device not in devices:
@@ -206,6 +211,28 @@ class GatewayConfig(StrictModel):
                             ("gpio", section, index, "device"),
                             f"pin {spec.pin}: device {spec.device!r} is not under "
                             "'devices:'",
+                        )
+                    )
+        return found
+
+    def _serial_hub_problems(self, devices: set[str]) -> list[tuple[Loc, str]]:
+        found: list[tuple[Loc, str]] = []
+        ports: set[str] = set()
+        for index, port in enumerate(self.serial_hubs):
+            if port.port in ports:
+                found.append(
+                    (
+                        ("serial_hubs", index, "port"),
+                        f"port {port.port!r} is listed twice",
+                    )
+                )
+            ports.add(port.port)
+            for device in sorted(port.device_ids()):
+                if device not in devices:
+                    found.append(
+                        (
+                            ("serial_hubs", index, "hubs"),
+                            f"{port.port}: device {device!r} is not under 'devices:'",
                         )
                     )
         return found

@@ -13,6 +13,7 @@ from drivers.base import Driver
 from drivers.ble import BLEScanner
 from drivers.gpio import GPIODriver
 from drivers.presence import PresenceTracker
+from drivers.serial_hub import SerialHubDriver
 from gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ def build_drivers(config: GatewayConfig) -> list[Driver]:
     drivers: list[Driver] = []
     if config.gpio is not None:
         drivers.append(GPIODriver(config.gpio))
+    drivers.extend(SerialHubDriver(port) for port in config.serial_hubs)
     tracker = presence_tracker(config)
     if tracker is not None:
         # The tracker first: the scanner feeds it from the moment it starts.
