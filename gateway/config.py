@@ -24,6 +24,7 @@ from drivers.gpio import GPIOSettings
 from drivers.mqtt_native import MappedDevice
 from drivers.presence import PresenceSettings, canonical_badge_id
 from drivers.serial_hub import SerialHubSettings
+from gateway.upstream import RetentionSettings, UpstreamSettings
 from rules.schema import (
     RULE_KINDS,
     CompositeRule,
@@ -139,6 +140,12 @@ class GatewayConfig(StrictModel):
 
     serial_hubs: tuple[SerialHubSettings, ...] = ()
     """Room and restroom sensor hubs on serial ports, one entry per port."""
+
+    upstream: UpstreamSettings | None = None
+    """Where resolved gaps and kudos go for credit: a webhook or an MQTT broker."""
+
+    retention: RetentionSettings = RetentionSettings()
+    """How long events, alerts and the outbox are kept, and the outbox's cap."""
 
     def problems(self) -> list[tuple[Loc, str]]:
         """Cross-references that the field types alone cannot check."""

@@ -18,12 +18,14 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from zoneinfo import ZoneInfo
 
 from drivers.base import Driver, make_event
 from drivers.mqtt_device import RejectedMessage, parse_event
 from drivers.mqtt_native import NativeDevices
 from drivers.presence import PresenceTracker
+from gateway import credit, upstream
 from gateway.config import GatewayConfig
 from gateway.contract import (
     SilenceRequest,
@@ -68,6 +70,14 @@ class Gateway:
         self.drivers = list(drivers)
         self.topics = Topics(config.site.id, config.gateway.id)
         self.store = Store(config.database.path)
+        self.credit_site = credit.CreditSite.from_config(config)
+        self.sender = upstream.build_sender(
+            config.database.path,
+            config.upstream,
+            config.retention,
+            config.site.id,
+            config.gateway.id,
+        )
         self.engine = Engine(
             config.physical,
             config.rules,
@@ -116,6 +126,7 @@ class Gateway:
         """Restore state, connect, and process until :meth:`stop`."""
         self._loop = asyncio.get_running_loop()
         self._restore()
+        self.sender.start()
         # Move everything loaded at start-up (imports, the site file, the
         # restored alerts) out of the collector's reach: a full collection
         # over it paused a call for 20-70 ms in the benchmark.
@@ -139,6 +150,8 @@ class Gateway:
             for driver in self.drivers:
                 driver.stop()
             self.link.stop()
+            # It may be waiting on an upstream's timeout; not on the loop.
+            await asyncio.to_thread(self.sender.stop)
             self.store.close()
             log.info("Gateway stopped")
 
@@ -360,8 +373,21 @@ class Gateway:
         changes = [a for a in actions if isinstance(a, Change)]
         kudos = [a for a in actions if isinstance(a, Kudos)]
 
+        credits = {
+            f"alert:{c.alert.id}": credit.credit_resolved(
+                self.store.db.conn, self.credit_site, alert_record(c.alert), events
+            )
+            for c in changes
+            if c.kind == "resolved"
+        }
+        credits |= {
+            f"kudos:{k.id}": self.credit_site.credit_kudos(asdict(k)) for k in kudos
+        }
+
         # Commit first: nobody may see a transition a power cut could undo.
-        self.store.record(events, changes, self.engine.take_dirty(), kudos)
+        self.store.record(events, changes, self.engine.take_dirty(), kudos, credits)
+        if credits:
+            self.sender.wake()
 
         for item in kudos:
             self._publish_kudos(item)

@@ -111,6 +111,27 @@ def m003_rule_kinds_and_state(db: sqlite_utils.Database) -> None:
     db["engine_state"].create({"key": str, "value": str}, pk="key")
 
 
+@migrations()
+def m004_outbox_delivery(db: sqlite_utils.Database) -> None:
+    outbox = db["outbox"]
+    outbox.add_column("delivered_at", float)
+    outbox.add_column("dead_at", float)
+    outbox.add_column("error", str)
+    # Partial indexes hold only their own rows: the alert path barely
+    # notices them, and the sender finds what is pending without a scan.
+    db.execute(
+        "CREATE INDEX outbox_pending ON outbox (seq) "
+        "WHERE delivered_at IS NULL AND dead_at IS NULL"
+    )
+    db.execute("CREATE INDEX outbox_dead ON outbox (dead_at) WHERE dead_at IS NOT NULL")
+    db.execute("CREATE INDEX outbox_kudos ON outbox (created_at) WHERE kind = 'kudos'")
+    db["outbox_counters"].create(
+        {"name": str, "value": int}, pk="name", not_null={"value"}
+    )
+    db["alerts"].create_index(["resolved_at"], index_name="alerts_resolved_at")
+    db["alert_history"].create_index(["at"], index_name="alert_history_at")
+
+
 _UPSERT_ALERT = (
     f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) "  # noqa: S608
     f"VALUES ({', '.join('?' for _ in ALERT_COLUMNS)}) "
@@ -167,9 +188,15 @@ class Store:
         changes: Sequence[Change],
         state: Mapping[str, Any] | None = None,
         kudos: Sequence[Kudos] = (),
+        credits: Mapping[str, Any] | None = None,
     ) -> None:
-        """Commit a batch of accepted events, alert changes and engine state."""
+        """Commit a batch of accepted events, alert changes and engine state.
+
+        ``credits`` (by outbox key) go into the outbox records of resolved
+        alerts and kudos, in the same transaction as the alerts' final state.
+        """
         state = state or {}
+        credits = credits or {}
         if not events and not changes and not state and not kudos:
             return
         now = time.time()
@@ -180,9 +207,11 @@ class Store:
             conn.executemany(_INSERT_HISTORY, [_history_row(c) for c in changes])
             conn.executemany(
                 _INSERT_OUTBOX,
-                [_outbox_row(c, now) for c in changes if c.kind == "resolved"],
+                [_outbox_row(c, now, credits) for c in changes if c.kind == "resolved"],
             )
-            conn.executemany(_INSERT_OUTBOX, [_kudos_row(k, now) for k in kudos])
+            conn.executemany(
+                _INSERT_OUTBOX, [_kudos_row(k, now, credits) for k in kudos]
+            )
             conn.executemany(
                 _UPSERT_STATE,
                 [(k, json.dumps(v)) for k, v in state.items() if v is not None],
@@ -263,14 +292,22 @@ def _history_row(change: Change) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def _outbox_row(change: Change, now: float) -> tuple[Any, ...]:
+def _outbox_row(
+    change: Change, now: float, credits: Mapping[str, Any]
+) -> tuple[Any, ...]:
+    key = f"alert:{change.alert.id}"
     body = alert_record(change.alert)
-    return (f"alert:{change.alert.id}", "alert.resolved", now, json.dumps(body))
+    if key in credits:
+        body["credit"] = credits[key]
+    return (key, "alert.resolved", now, json.dumps(body))
 
 
-def _kudos_row(kudos: Kudos, now: float) -> tuple[Any, ...]:
+def _kudos_row(kudos: Kudos, now: float, credits: Mapping[str, Any]) -> tuple[Any, ...]:
+    key = f"kudos:{kudos.id}"
     body = asdict(kudos)
-    return (f"kudos:{kudos.id}", "kudos", now, json.dumps(body))
+    if key in credits:
+        body["credit"] = credits[key]
+    return (key, "kudos", now, json.dumps(body))
 
 
 _ALERT_FIELDS = tuple(field.name for field in fields(Alert))

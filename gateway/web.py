@@ -7,15 +7,19 @@ actions that change alerts come with the login they need.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
 
+from gateway import credit
 from gateway.store import alert_record
 
 if TYPE_CHECKING:
@@ -43,6 +47,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             "commits": gateway.store.commits,
             "messages_rejected": dict(gateway.rejected),
             "drivers": {d.name: dict(d.health()) for d in gateway.drivers},
+            "upstream": gateway.sender.status(),
         }
 
     @app.get("/api/alerts")
@@ -67,6 +72,11 @@ def create_app(gateway: Gateway) -> FastAPI:
             "staff": {member.id: member.name for member in config.staff},
         }
 
+    @app.get("/api/recognition")
+    async def recognition() -> dict[str, Any]:
+        """Per person and team, today and this week: gaps closed, response, kudos."""
+        return await asyncio.to_thread(_recognition, gateway)
+
     @app.get("/api/alerts/{alert_id}")
     async def alert_detail(alert_id: str) -> dict[str, Any]:
         row = gateway.store.alert(alert_id)
@@ -80,6 +90,16 @@ def create_app(gateway: Gateway) -> FastAPI:
         return FLOOR_PAGE.read_text()
 
     return app
+
+
+def _recognition(gateway: Gateway) -> dict[str, Any]:
+    # A connection of its own: this runs in a worker thread, off the loop.
+    conn = credit.open_reader(gateway.config.database.path)
+    try:
+        tz = ZoneInfo(gateway.config.site.timezone)
+        return credit.recognition_summary(conn, gateway.credit_site, tz, time.time())
+    finally:
+        conn.close()
 
 
 class WebServer:
