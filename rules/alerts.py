@@ -24,7 +24,8 @@ bug can never leave an alert in an impossible state.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any
 
 
@@ -125,7 +126,8 @@ class Alert:
     """For a presence resolution: badge, staff, place, dwell and signal."""
 
     def snapshot(self) -> Alert:
-        return replace(self)
+        """A copy for a Change; positional, as ``replace`` is ten times slower."""
+        return Alert(*_alert_values(self))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -150,6 +152,9 @@ class Alert:
     @property
     def unresolved(self) -> bool:
         return self.state in UNRESOLVED
+
+
+_alert_values = attrgetter(*(item.name for item in fields(Alert)))
 
 
 @dataclass(frozen=True, slots=True)

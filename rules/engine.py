@@ -173,6 +173,9 @@ class Engine:
         self._feedback: dict[tuple[str, str], Feedback] = {}
         self._last_press: dict[tuple[str, str], float] = {}
         self._silent: set[tuple[str, str]] = set()
+        self._last_heard: dict[tuple[str, str], float] = {}
+        self._duty_minute: int | None = None
+        self._duty: frozenset[str] = frozenset()
         self._presence = Presence()
         self._dirty: set[str] = set()
 
@@ -520,11 +523,11 @@ class Engine:
         return actions
 
     def _kudos(self, rule: FeedbackRule, zone: str, presses: int, now: float) -> Kudos:
+        on_duty = self._on_duty(now)
         team = tuple(
             member.id
             for member in self._staff.values()
-            if (not member.zones or zone in member.zones)
-            and in_windows(member.shifts, now, self._tz)
+            if (not member.zones or zone in member.zones) and member.id in on_duty
         )
         return Kudos(self._new_id(), rule.name, zone, now, presses, team)
 
@@ -535,10 +538,16 @@ class Engine:
         # device that never reports is flagged, one that reports is not.
         for device, rules in self._watchers.items():
             for rule in rules:
+                self._last_heard[(rule.name, device)] = now
                 self._timers.set(("silent", rule.name, device), now + rule.heartbeat)
 
     def _heard(self, rule: SupervisionRule, device: Device, now: float) -> list[Action]:
-        self._timers.set(("silent", rule.name, device.id), now + rule.heartbeat)
+        # Only remember the time: the pending timer checks it when it fires
+        # and re-arms itself, instead of a heap push per message.
+        self._last_heard[(rule.name, device.id)] = now
+        key = ("silent", rule.name, device.id)
+        if key not in self._timers:
+            self._timers.set(key, now + rule.heartbeat)
         if (rule.name, device.id) not in self._silent:
             return []
         self._silent.discard((rule.name, device.id))
@@ -837,6 +846,10 @@ class Engine:
             return self._trip(rule, key[2], now)
         if kind == "silent":
             assert isinstance(rule, SupervisionRule)
+            heard = self._last_heard.get((rule.name, key[2]))
+            if heard is not None and heard + rule.heartbeat > now:
+                self._timers.set(key, heard + rule.heartbeat)
+                return []
             return self._went_silent(rule, key[2], due, now)
         if kind == "dwell":
             return self._dwelled(rule, key[2], key[3], now)
@@ -851,18 +864,15 @@ class Engine:
         its shared pager topic; if nobody of a role is on duty the role topic
         is paged too, so a page is never sent to no one.
         """
+        on_duty = self._on_duty(now)
         targets = list(level.staff)
         for group in level.groups:
-            targets.extend(
-                member
-                for member in self._groups.get(group, ())
-                if in_windows(self._staff[member].shifts, now, self._tz)
-            )
+            targets.extend(m for m in self._groups.get(group, ()) if m in on_duty)
         for zone in level.zones:
             team = [
                 member.id
                 for member in self._staff.values()
-                if zone in member.zones and in_windows(member.shifts, now, self._tz)
+                if zone in member.zones and member.id in on_duty
             ]
             # Nobody of the zone on duty: its shared pager topic still rings.
             targets.extend(team or [f"zone:{zone}"])
@@ -871,13 +881,26 @@ class Engine:
             if not any(member.shifts for member in members):
                 targets.append(role)
                 continue
-            on_duty = [
-                member.id
-                for member in members
-                if in_windows(member.shifts, now, self._tz)
-            ]
-            targets.extend(on_duty or [role])
+            present = [member.id for member in members if member.id in on_duty]
+            targets.extend(present or [role])
         return tuple(dict.fromkeys(targets))
+
+    def _on_duty(self, now: float) -> frozenset[str]:
+        """Staff on shift at ``now``, worked out once per minute.
+
+        Shifts are whole minutes of local time, so the answer cannot change
+        within a minute; computing it per page cost a fifth of the engine's
+        time in the benchmark.
+        """
+        minute = int(now // 60)
+        if minute != self._duty_minute:
+            self._duty_minute = minute
+            self._duty = frozenset(
+                member.id
+                for member in self._staff.values()
+                if in_windows(member.shifts, now, self._tz)
+            )
+        return self._duty
 
     def _active(self, rule: RuleBase, now: float) -> bool:
         return in_windows(rule.active, now, self._tz)

@@ -11,7 +11,7 @@ until it is over) and a technician's silence on a device or zone.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from rules.alerts import Alert, AlertState, Change, Notification
@@ -155,14 +155,12 @@ class AlertBook:
     def fire(self, alert_id: str, due_at: float, now: float) -> Change:
         """Carry out whichever timer of the alert fell due at ``due_at``."""
         alert = self.alerts[alert_id]
-        if alert.state is AlertState.ACKNOWLEDGED:
-            change = self._reopen(alert, now)
-        elif (next_at := self._next_level_at(alert)) is not None and next_at <= due_at:
-            change = self._escalate(alert, now)
-        else:
-            change = self._remind(alert, now)
         alert.late = now - due_at > LATE_AFTER
-        return replace(change, alert=alert.snapshot())
+        if alert.state is AlertState.ACKNOWLEDGED:
+            return self._reopen(alert, now)
+        if (next_at := self._next_level_at(alert)) is not None and next_at <= due_at:
+            return self._escalate(alert, now)
+        return self._remind(alert, now)
 
     def _escalate(self, alert: Alert, now: float) -> Change:
         alert.move(AlertState.ESCALATED, now)
