@@ -231,3 +231,67 @@ def test_code_call_holds_routine_pages_in_its_zone(restroom, mqtt, topics):
     send(device, topics, "code-1", "cancel")
     page = pagers.wait_for_json(alert=routine["id"])
     assert page["reason"] == "released"
+
+
+def test_reminder_ack_timeout_composite_and_schedule_through_the_gateway(
+    start_gateway, mqtt, topics
+):
+    """Reminders, an acknowledgement that times out, a composite gap and a rule
+    outside its active hours, all over MQTT."""
+    site = restroom_site(topics.site)
+    call = site["rules"][0]
+    call["resolve_by_presence"] = None
+    call["ack_timeout"] = "2s"
+    call["levels"] = [{"after": "0s", "roles": ["nurse"], "remind_every": "1s"}]
+    site["rules"][2]["levels"] = []  # visits: a condition only
+    site["rules"][3]["levels"] = []  # towels-low: a condition only
+    site["rules"].append(
+        {
+            "name": "restroom-service",
+            "kind": "composite",
+            "all": ["visits", "towels-low"],
+            "levels": LEVELS,
+        }
+    )
+    # Active only in an hour six hours from now (UTC): closed during the test.
+    closed_minute = time.strftime("%H:%M", time.gmtime(time.time() + 6 * 3600))
+    site["rules"].append(
+        {
+            "name": "after-hours",
+            "devices": {"kind": "clean_button"},
+            "opens_on": "help",
+            "active": [{"start": closed_minute, "end": closed_minute[:3] + "59"}],
+            "levels": LEVELS,
+        }
+    )
+    start_gateway(site=site)
+    display = mqtt(topics.alerts)
+    pagers = mqtt(topics.pagers)
+    device = mqtt()
+
+    send(device, topics, "call-1", "call")
+    alert = display.wait_for_json(rule="patient-call", state="open")
+    pagers.wait_for_json(alert=alert["id"], reason="reminded", timeout=5)
+    device.publish(topics.ack(alert["id"]), {"staff": "ana"})
+    display.wait_for_json(id=alert["id"], state="acknowledged")
+    after_ack = display.mark()
+    reopened = display.wait_for_json(
+        id=alert["id"], state="open", after=after_ack, timeout=5
+    )
+    assert reopened["version"] > alert["version"]
+    pagers.wait_for_json(alert=alert["id"], reason="reopened", timeout=5)
+
+    for _ in range(3):
+        send(device, topics, "door-1", "visit")
+    send(device, topics, "towel-1", "reading", reading="towel_level", value=5)
+    composite = display.wait_for_json(rule="restroom-service", state="open", timeout=5)
+    assert composite["zone"] == "restroom"
+    send(device, topics, "towel-1", "reading", reading="towel_level", value=90)
+    display.wait_for_json(rule="restroom-service", state="resolved")
+
+    send(device, topics, "clean-1", "help")
+    send(device, topics, "call-1", "cancel")  # a marker after the help press
+    display.wait_for_json(id=alert["id"], state="resolved")
+    assert not [
+        m for m in display.messages if m.payload and m.json["rule"] == "after-hours"
+    ]
