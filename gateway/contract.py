@@ -58,6 +58,9 @@ class Topics:
     def pager(self, target: str) -> str:
         return f"{self.base}/pagers/{target}"
 
+    def availability(self, device: str) -> str:
+        return f"{self.base}/devices/{device}/availability"
+
     def silence(self, silence_id: str) -> str:
         return f"{self.base}/silences/{silence_id}"
 

@@ -40,7 +40,7 @@ from gateway.store import Store, alert_record
 from rules.alerts import Action, Change, Kudos
 from rules.engine import Engine, EngineError, UnknownAlert
 from rules.events import Event
-from rules.schema import PRIORITY_RANK
+from rules.schema import PRIORITY_RANK, SupervisionRule
 
 log = logging.getLogger(__name__)
 transitions_log = logging.getLogger("gateway.alerts")
@@ -100,6 +100,9 @@ class Gateway:
         self._shown_silences: set[str] = set()
 
         self.native = NativeDevices(config.mqtt_devices)
+        self._supervision = {
+            rule.name for rule in config.rules if isinstance(rule, SupervisionRule)
+        }
         self._tracker = next(
             (d for d in self.drivers if isinstance(d, PresenceTracker)), None
         )
@@ -411,6 +414,12 @@ class Gateway:
         for note in change.notifications:
             self.link.publish(
                 self.topics.pager(note.target), pager_payload(change, note)
+            )
+        if alert.rule in self._supervision and change.kind in ("opened", "resolved"):
+            # A supervision alert is the device's availability, seen from here.
+            state = b"offline" if change.kind == "opened" else b"online"
+            self.link.publish(
+                self.topics.availability(alert.device), state, retain=True
             )
 
     def _publish_silences(self, *, all_again: bool = False) -> None:

@@ -165,10 +165,13 @@ def test_unhappy_guests_open_a_gap_and_happy_ones_send_kudos(restroom, mqtt, top
 def test_silent_dispenser_raises_trouble_until_it_reports(restroom, mqtt, topics):
     """No message for the heartbeat opens trouble; the next one clears it."""
     display = mqtt(topics.alerts)
+    availability = mqtt(f"facility/{topics.site}/devices/towel-1/availability")
     opened = display.wait_for_json(rule="dispenser-offline", state="open", timeout=6)
     assert opened["device"] == "towel-1"
+    availability.wait_for(lambda m: m.payload == b"offline", what="offline")
     send(mqtt(), topics, "towel-1", "heartbeat")
     display.wait_for_json(rule="dispenser-offline", state="resolved")
+    availability.wait_for(lambda m: m.payload == b"online", what="online")
 
 
 def test_nurse_badge_in_the_room_resolves_the_call(restroom, mqtt, topics):
