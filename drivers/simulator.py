@@ -27,7 +27,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +91,16 @@ class SimulatedFacility:
         password: str | None = None,
         behaviour: Behaviour | None = None,
         seed: int | None = None,
+        physical: Mapping[tuple[str, str], Callable[[], Awaitable[None]]] | None = None,
+        sightings: bool = False,
     ) -> None:
+        """Args:
+        physical: (device, event type) -> what acting on the device means when
+            it is wired to the gateway rather than on MQTT, e.g. a finger on
+            a mock GPIO pin or a frame written to a serial hub's port.
+        sightings: walk staff in as raw BLE sightings from room receivers
+            (the gateway's presence tracker decides), not as enter/leave.
+        """
         self._site = site
         self._devices = list(devices)
         self._staff = list(staff)
@@ -103,6 +112,8 @@ class SimulatedFacility:
         self._handled: set[str] = set()
         self._resolved: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._physical = dict(physical or {})
+        self._sightings = sightings
         self._towels = {d.id: 70.0 for d in self._of_kind("dispenser")}
         self._last_press: dict[str, float] = {}
 
@@ -287,13 +298,27 @@ class SimulatedFacility:
             self._command(alert, "resolve", cleaner)
 
     async def _visit(self, person: Person, room: str, stay: float) -> None:
-        receiver = self._receiver()
+        receiver = self._receiver(room)
         if receiver is None:
             return
-        self._send(receiver, "enter", badge=person.badge, zone=room, rssi=-58)
         log.info("%s: %s walked in (badge %s)", room, person.name, person.badge)
+        if self._sightings:
+            # Like an ESP32 receiver: raw sightings, about one a second; the
+            # gateway's presence tracker decides when the badge is in and,
+            # once they stop, when it has left.
+            until = time.monotonic() + stay
+            while time.monotonic() < until:
+                self._sight(receiver, person, self._rng.uniform(-62, -52))
+                await asyncio.sleep(1.0)
+            return
+        self._send(receiver, "enter", badge=person.badge, zone=room, rssi=-58)
         await asyncio.sleep(stay)
         self._send(receiver, "leave", badge=person.badge, zone=room)
+
+    def _sight(self, receiver: Device, person: Person, rssi: float) -> None:
+        body = {"badge": person.badge, "rssi": round(rssi), "ts": time.time()}
+        topic = f"facility/{self._site}/devices/{receiver.id}/sightings"
+        self._client.publish(topic, json.dumps(body), qos=0)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -306,15 +331,22 @@ class SimulatedFacility:
     def _of_kind(self, kind: str) -> list[Device]:
         return [device for device in self._devices if device.kind == kind]
 
-    def _receiver(self) -> Device | None:
+    def _receiver(self, room: str) -> Device | None:
         receivers = self._of_kind("ble_receiver")
-        return receivers[0] if receivers else None
+        in_room = [device for device in receivers if device.room == room]
+        return (in_room or receivers or [None])[0]
 
     def _restroom_room(self) -> str | None:
         doors = self._of_kind("people_counter")
         return doors[0].room if doors else None
 
     def _send(self, device: Device, kind: str, **fields: Any) -> None:
+        physical = self._physical.get((device.id, kind))
+        if physical is not None:
+            # Wired to the gateway itself (a GPIO pin, a serial hub): act on
+            # the hardware stand-in instead of publishing.
+            self._spawn(physical())
+            return
         event = {
             "id": uuid.uuid4().hex,
             "type": kind,

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
+import pty
 import signal
 import socket
 import tempfile
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
+from gpiozero.pins.mock import MockFactory
 from pydantic import SecretStr
 
+from drivers.serial_hub import encode_frame
 from drivers.simulator import Device, Person, SimulatedFacility
 from gateway.broker import BrokerError, PrivateBroker, free_port, port_answers
 from gateway.config import GatewayConfig, load_config
 from gateway.runner import run_gateway
 from gateway.service import Gateway
+from gateway.sources import build_drivers
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +76,18 @@ async def _demo(
     sim_password: str | None,
     duration: float | None,
 ) -> None:
-    gateway = Gateway(config)
+    with Workbench(config) as bench:
+        await _run_facility(bench, sim_user, sim_password, duration)
+
+
+async def _run_facility(
+    bench: Workbench,
+    sim_user: str | None,
+    sim_password: str | None,
+    duration: float | None,
+) -> None:
+    config = bench.config
+    gateway = Gateway(config, drivers=build_drivers(config, bench.pins))
     facility = SimulatedFacility(
         config.site.id,
         devices=[Device(d.id, d.kind, d.room) for d in config.devices],
@@ -78,6 +96,12 @@ async def _demo(
         port=config.mqtt.port,
         username=sim_user,
         password=sim_password,
+        physical=bench.physical(),
+        sightings=config.presence is not None,
+    )
+    log.info(
+        "Sources: %s",
+        ", ".join(bench.sources()) or "MQTT only",
     )
     log.info(
         "Demo site %r: %d devices, %d staff. Floor view: http://%s:%d/  (Ctrl-C stops)",
@@ -91,6 +115,82 @@ async def _demo(
     if duration is not None:
         companions.append(_stop_after(duration))
     await run_gateway(gateway, *companions)
+
+
+class Workbench:
+    """Stand-ins for the hardware a real site wires to the gateway itself.
+
+    gpiozero's mock pin factory takes the place of the Pi's header, so the
+    simulated patients press real gpiozero buttons; a pseudo-terminal takes
+    the place of the restroom hub's serial cable, so its frames go through
+    the real serial driver. Both are driven by the simulated facility.
+    """
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.pins = MockFactory() if config.gpio is not None else None
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._sequence = itertools.count(1)
+        if config.serial_hubs:
+            self._master, self._slave = pty.openpty()
+            port = config.serial_hubs[0].model_copy(
+                update={"port": os.ttyname(self._slave)}
+            )
+            config = config.model_copy(update={"serial_hubs": (port,)})
+        self.config = config
+
+    def __enter__(self) -> Workbench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                os.close(fd)
+        if self.pins is not None:
+            self.pins.close()
+
+    def sources(self) -> list[str]:
+        found = []
+        if self.pins is not None:
+            found.append("GPIO (gpiozero mock pins)")
+        if self._master is not None:
+            found.append("serial sensor hub (pseudo-terminal)")
+        if self.config.presence is not None:
+            found.append("BLE badge sightings (simulated ESP32 receivers)")
+        found.append("MQTT devices and pagers")
+        return found
+
+    def physical(self) -> dict[tuple[str, str], Callable[[], Awaitable[None]]]:
+        """What pressing a wired button or counting a visit means here."""
+        actions: dict[tuple[str, str], Callable[[], Awaitable[None]]] = {}
+        if self.config.gpio is not None:
+            for spec in self.config.gpio.buttons:
+                if spec.press is not None:
+                    actions[(spec.device, spec.press)] = partial(
+                        self._press, spec.pin, 0.15
+                    )
+                if spec.hold is not None:
+                    hold = spec.hold_time + 0.4
+                    actions[(spec.device, spec.hold)] = partial(
+                        self._press, spec.pin, hold
+                    )
+        for port in self.config.serial_hubs:
+            for hub, mapping in port.hubs.items():
+                for channel, device in mapping.channels.items():
+                    actions[(device, "visit")] = partial(self._frame, hub, channel)
+        return actions
+
+    async def _press(self, pin: int, seconds: float) -> None:
+        assert self.pins is not None
+        finger = self.pins.pin(pin)
+        finger.drive_low()
+        await asyncio.sleep(seconds)
+        finger.drive_high()
+
+    async def _frame(self, hub: str, channel: str) -> None:
+        if self._master is not None:
+            frame = encode_frame(hub, next(self._sequence), "CNT", ch=channel)
+            os.write(self._master, frame)
 
 
 async def _stop_after(seconds: float) -> None:

@@ -40,8 +40,8 @@ RECONNECT_MAX = 10
 MAX_INFLIGHT = 1000
 """QoS 1 messages awaiting PUBACK; paho's default of 20 throttles a burst."""
 
-Receipt = tuple[int, int]
-"""(connection number, message id): what :meth:`MQTTLink.ack` needs later."""
+Receipt = tuple[int, int, int]
+"""(connection number, message id, QoS): what :meth:`MQTTLink.ack` needs later."""
 
 MessageHandler = Callable[[str, bytes, bool, Receipt], None]
 
@@ -135,9 +135,11 @@ class MQTTLink:
         Message ids are per connection: a receipt from an earlier connection
         is dropped, and the broker redelivers that message instead.
         """
-        connection, mid = receipt
-        if connection == self.connects and self.connected:
-            self._client.ack(mid, QOS)
+        connection, mid, qos = receipt
+        # A QoS 0 message has no acknowledgement: a PUBACK for it (with its
+        # message id 0) is a protocol error that makes the broker hang up.
+        if qos > 0 and connection == self.connects and self.connected:
+            self._client.ack(mid, qos)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         """Queue a QoS 1 publish; paho sends it now or on reconnect."""
@@ -190,7 +192,7 @@ class MQTTLink:
     def _handle_message(
         self, client: paho.Client, userdata: object, message: paho.MQTTMessage
     ) -> None:
-        receipt = (self.connects, message.mid)
+        receipt = (self.connects, message.mid, message.qos)
         self._on_message(message.topic, message.payload, bool(message.retain), receipt)
 
 

@@ -365,6 +365,11 @@ class Gateway:
             stored = self.store.alert(exc.alert_id)
             reason = "alert_resolved" if stored else "unknown_alert"
         self.rejected[reason] += 1
+        if reason == "alert_resolved":
+            # Two people answering one call is ordinary; the later tap finds
+            # it closed. Counted, but not a warning.
+            log.info("Ignored %s: alert %s is already resolved", topic, exc.alert_id)  # type: ignore[attr-defined]
+            return
         log.warning("Rejected message on %s: %s", topic, exc)
 
     def _remember(self, event_id: str) -> None:

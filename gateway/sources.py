@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from gpiozero import Factory
+
 from drivers.base import Driver
 from drivers.ble import BLEScanner
 from drivers.gpio import GPIODriver
@@ -19,11 +21,16 @@ from gateway.config import GatewayConfig
 log = logging.getLogger(__name__)
 
 
-def build_drivers(config: GatewayConfig) -> list[Driver]:
-    """One driver per hardware section present in the site file."""
+def build_drivers(
+    config: GatewayConfig, pin_factory: Factory | None = None
+) -> list[Driver]:
+    """One driver per hardware section present in the site file.
+
+    ``pin_factory`` replaces gpiozero's choice (the demo drives mock pins).
+    """
     drivers: list[Driver] = []
     if config.gpio is not None:
-        drivers.append(GPIODriver(config.gpio))
+        drivers.append(GPIODriver(config.gpio, pin_factory=pin_factory))
     drivers.extend(SerialHubDriver(port) for port in config.serial_hubs)
     tracker = presence_tracker(config)
     if tracker is not None:

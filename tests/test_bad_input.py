@@ -141,3 +141,17 @@ def test_ack_for_a_resolved_alert_is_rejected(gateway, mqtt, topics):
     assert gateway.healthz()["messages_rejected"] == {"alert_resolved": 1}
     [row] = gateway.query("SELECT * FROM alerts WHERE id = ?", opened["id"])
     assert (row["state"], row["version"], row["acked_by"]) == ("resolved", 2, None)
+
+
+def test_qos0_messages_do_not_break_the_link(gateway, mqtt, topics):
+    """A device publishing at QoS 0 is served, and the broker link stays up."""
+    display = mqtt(topics.alerts)
+    client = mqtt()
+    for n in (1, 2):
+        info = client._client.publish(
+            topics.events(f"call-{n}"), json.dumps(event(f"call-{n}")), qos=0
+        )
+        info.wait_for_publish(5)
+    display.wait_for_json(device="call-1", state="open")
+    display.wait_for_json(device="call-2", state="open")
+    assert "Lost the MQTT broker" not in gateway.log()
