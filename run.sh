@@ -58,6 +58,24 @@ setup_python() {
     fi
 }
 
+# ESPHome validates the device configurations in firmware-config/ offline. It
+# lives in a venv of its own: it pins versions of its own that must not move
+# the gateway's.
+setup_esphome() {
+    local venv=.venv-esphome
+    if [ ! -x "$venv/bin/esphome" ]; then
+        say "Installing ESPHome into $venv (validates firmware-config/)"
+        "$PYTHON" -m venv "$venv"
+        if ! "$venv/bin/python" -m pip install --disable-pip-version-check \
+                esphome==2026.6.5 >"$venv/pip.log" 2>&1; then
+            cat "$venv/pip.log" >&2
+            say "ESPHome install failed; its output is above"
+            exit 1
+        fi
+    fi
+    export ESPHOME="$PWD/$venv/bin/esphome"
+}
+
 case "${1:-}" in
     demo)
         shift
@@ -70,7 +88,9 @@ case "${1:-}" in
         shift
         need_command mosquitto mosquitto
         need_command mosquitto_passwd mosquitto
+        need_command g++ g++
         setup_python "[test]"
+        setup_esphome
         say "Lint (ruff)"
         "$VENV/bin/ruff" check .
         "$VENV/bin/ruff" format --check .
