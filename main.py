@@ -36,7 +36,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     site = Path(args.site) if args.site else DEMO_SITE
     try:
-        return run_demo(site, duration=args.duration)
+        return run_demo(site, duration=args.duration, speed=args.speed)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         "--duration",
         type=float,
         help="stop after this many seconds (default: until Ctrl-C)",
+    )
+    demo.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="people act this many times faster than real time (default 1)",
     )
     demo.set_defaults(command=_demo)
 

@@ -75,6 +75,11 @@ class Behaviour:
     """Share of restroom visitors who press a smiley."""
 
     heartbeat_every: float = 20.0
+    outage_every: tuple[float, float] = (150.0, 240.0)
+    """Now and then the dispenser falls silent (a flat battery, a lost
+    Wi-Fi link) for ``outage_for`` seconds, long enough for supervision."""
+
+    outage_for: float = 75.0
 
 
 class SimulatedFacility:
@@ -93,6 +98,7 @@ class SimulatedFacility:
         seed: int | None = None,
         physical: Mapping[tuple[str, str], Callable[[], Awaitable[None]]] | None = None,
         sightings: bool = False,
+        speed: float = 1.0,
     ) -> None:
         """Args:
         physical: (device, event type) -> what acting on the device means when
@@ -100,7 +106,13 @@ class SimulatedFacility:
             a mock GPIO pin or a frame written to a serial hub's port.
         sightings: walk staff in as raw BLE sightings from room receivers
             (the gateway's presence tracker decides), not as enter/leave.
+        speed: how many times faster than real time people act (a load
+            test); the gateway's own timers still run in real time.
         """
+        if speed <= 0:
+            raise ValueError(f"speed must be above 0, got {speed}")
+        self._speed = speed
+        self._silent: set[str] = set()
         self._site = site
         self._devices = list(devices)
         self._staff = list(staff)
@@ -150,23 +162,23 @@ class SimulatedFacility:
             return
         # The first patient calls soon after start, so a newcomer sees
         # something happen at once; then calls come every few seconds.
-        await asyncio.sleep(self._rng.uniform(1.0, 2.0))
+        await self._wait(self._rng.uniform(1.0, 2.0))
         while True:
             bed = self._rng.choice(beds)
             self._send(bed, "call")
             log.info("%s: patient pressed the call button", bed.room)
-            await asyncio.sleep(self._rng.uniform(*self._behaviour.call_every))
+            await self._wait(self._rng.uniform(*self._behaviour.call_every))
 
     async def _codes(self) -> None:
         stations = self._of_kind("code_button")
         if not stations:
             return
         while True:
-            await asyncio.sleep(self._rng.uniform(*self._behaviour.code_every))
+            await self._wait(self._rng.uniform(*self._behaviour.code_every))
             station = self._rng.choice(stations)
             self._send(station, "call")
             log.info("%s: CODE call raised at the bedside", station.room)
-            await asyncio.sleep(self._rng.uniform(15.0, 25.0))
+            await self._wait(self._rng.uniform(15.0, 25.0))
             self._send(station, "cancel")
             log.info(
                 "%s: code team cancelled the code call at the station", station.room
@@ -180,7 +192,7 @@ class SimulatedFacility:
             return
         terminals = self._of_kind("feedback_terminal")
         while True:
-            await asyncio.sleep(self._rng.uniform(*self._behaviour.visit_every))
+            await self._wait(self._rng.uniform(*self._behaviour.visit_every))
             door = self._rng.choice(doors)
             self._send(door, "visit")
             self._use_towels(door.room)
@@ -213,8 +225,20 @@ class SimulatedFacility:
         self._send(terminal, "feedback", score=score)
 
     async def _heartbeats(self, dispenser: Device) -> None:
+        behaviour = self._behaviour
+        next_outage = self._rng.uniform(*behaviour.outage_every)
+        since_outage = 0.0
         while True:
-            await asyncio.sleep(self._behaviour.heartbeat_every)
+            await self._wait(behaviour.heartbeat_every)
+            since_outage += behaviour.heartbeat_every
+            if since_outage >= next_outage:
+                log.info("%s: dispenser fell silent (battery)", dispenser.room)
+                self._silent.add(dispenser.id)
+                await self._wait(behaviour.outage_for)
+                self._silent.discard(dispenser.id)
+                log.info("%s: dispenser back after a battery swap", dispenser.room)
+                since_outage = 0.0
+                next_outage = self._rng.uniform(*behaviour.outage_every)
             self._send(dispenser, "heartbeat")
 
     # -- pagers ------------------------------------------------------------------------
@@ -262,31 +286,31 @@ class SimulatedFacility:
     async def _answer(self, alert: str, note: dict[str, Any]) -> None:
         behaviour = self._behaviour
         person = self._someone_for(note)
-        await asyncio.sleep(self._rng.uniform(*behaviour.answer_after))
+        await self._wait(self._rng.uniform(*behaviour.answer_after))
         self._command(alert, "ack", person)
         room = note.get("room")
         if person.badge and room and self._rng.random() < behaviour.walk_in_share:
             # Walking in: the badge in the room closes the call by itself.
             await self._visit(person, str(room), self._rng.uniform(8.0, 14.0))
             return
-        await asyncio.sleep(self._rng.uniform(*behaviour.work_for))
+        await self._wait(self._rng.uniform(*behaviour.work_for))
         self._command(alert, "resolve", person)
 
     async def _cancel_at_bedside(self, device: str) -> None:
-        await asyncio.sleep(self._rng.uniform(2.0, 6.0))
+        await self._wait(self._rng.uniform(2.0, 6.0))
         bed = next(d for d in self._devices if d.id == device)
         self._send(bed, "cancel")
         log.info("%s: patient cancelled the call at the bedside", bed.room)
 
     async def _service_restroom(self, alert: str, note: dict[str, Any]) -> None:
         cleaner = self._someone_for(note)
-        await asyncio.sleep(self._rng.uniform(5.0, 12.0))
+        await self._wait(self._rng.uniform(5.0, 12.0))
         if alert in self._resolved:
             return  # someone else's visit closed it meanwhile
         self._command(alert, "ack", cleaner)
         place = self._restroom_room()
         if cleaner.badge is None or place is None:
-            await asyncio.sleep(self._rng.uniform(5.0, 10.0))
+            await self._wait(self._rng.uniform(5.0, 10.0))
             self._command(alert, "resolve", cleaner)
             return
         for dispenser in self._of_kind("dispenser"):
@@ -306,13 +330,13 @@ class SimulatedFacility:
             # Like an ESP32 receiver: raw sightings, about one a second; the
             # gateway's presence tracker decides when the badge is in and,
             # once they stop, when it has left.
-            until = time.monotonic() + stay
+            until = time.monotonic() + stay / self._speed
             while time.monotonic() < until:
                 self._sight(receiver, person, self._rng.uniform(-62, -52))
-                await asyncio.sleep(1.0)
+                await self._wait(1.0)
             return
         self._send(receiver, "enter", badge=person.badge, zone=room, rssi=-58)
-        await asyncio.sleep(stay)
+        await self._wait(stay)
         self._send(receiver, "leave", badge=person.badge, zone=room)
 
     def _sight(self, receiver: Device, person: Person, rssi: float) -> None:
@@ -340,7 +364,13 @@ class SimulatedFacility:
         doors = self._of_kind("people_counter")
         return doors[0].room if doors else None
 
+    async def _wait(self, seconds: float) -> None:
+        """Sleep simulated seconds: real ones divided by the speed factor."""
+        await asyncio.sleep(seconds / self._speed)
+
     def _send(self, device: Device, kind: str, **fields: Any) -> None:
+        if device.id in self._silent:
+            return  # a silent device sends nothing at all
         physical = self._physical.get((device.id, kind))
         if physical is not None:
             # Wired to the gateway itself (a GPIO pin, a serial hub): act on

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 DEMO_SITE = Path(__file__).resolve().parent.parent / "sites" / "demo-ward.yaml"
 
 
-def run_demo(site_file: Path = DEMO_SITE, duration: float | None = None) -> int:
+def run_demo(
+    site_file: Path = DEMO_SITE, duration: float | None = None, speed: float = 1.0
+) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-demo-") as folder:
         config = load_config(site_file, _demo_environ(Path(folder)))
         broker = None
@@ -63,7 +65,7 @@ def run_demo(site_file: Path = DEMO_SITE, duration: float | None = None) -> int:
 
         config = _with_free_web_port(config)
         try:
-            asyncio.run(_demo(config, sim_user, sim_password, duration))
+            asyncio.run(_demo(config, sim_user, sim_password, duration, speed))
         finally:
             if broker is not None:
                 broker.stop()
@@ -75,9 +77,10 @@ async def _demo(
     sim_user: str | None,
     sim_password: str | None,
     duration: float | None,
+    speed: float,
 ) -> None:
     with Workbench(config) as bench:
-        await _run_facility(bench, sim_user, sim_password, duration)
+        await _run_facility(bench, sim_user, sim_password, duration, speed)
 
 
 async def _run_facility(
@@ -85,6 +88,7 @@ async def _run_facility(
     sim_user: str | None,
     sim_password: str | None,
     duration: float | None,
+    speed: float,
 ) -> None:
     config = bench.config
     gateway = Gateway(config, drivers=build_drivers(config, bench.pins))
@@ -98,6 +102,7 @@ async def _run_facility(
         password=sim_password,
         physical=bench.physical(),
         sightings=config.presence is not None,
+        speed=speed,
     )
     log.info(
         "Sources: %s",
