@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import pty
+import secrets
 import signal
 import socket
 import tempfile
@@ -27,9 +28,11 @@ from drivers.serial_hub import encode_frame
 from drivers.simulator import Device, Person, SimulatedFacility
 from gateway.broker import BrokerError, PrivateBroker, free_port, port_answers
 from gateway.config import GatewayConfig, load_config
+from gateway.credit_board import CreditBoard
 from gateway.runner import run_gateway
 from gateway.service import Gateway
 from gateway.sources import build_drivers
+from gateway.upstream import WebhookSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +67,40 @@ def run_demo(
             sim_user, sim_password = "sim", broker.passwords["sim"]
 
         config = _with_free_web_port(config)
+        board = None
+        if config.upstream is None:
+            # Credit goes somewhere a newcomer can watch: a local board.
+            board, config = _with_credit_board(config, Path(folder))
+            board.start()
         try:
             asyncio.run(_demo(config, sim_user, sim_password, duration, speed))
         finally:
+            if board is not None:
+                board.stop()
             if broker is not None:
                 broker.stop()
     return 0
+
+
+def _with_credit_board(
+    config: GatewayConfig, folder: Path
+) -> tuple[CreditBoard, GatewayConfig]:
+    secret = secrets.token_hex(32)
+    secret_file = folder / "upstream.secret"
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
+    board = CreditBoard(secret.encode(), {s.id: s.name for s in config.staff})
+    upstream = WebhookSettings.model_validate(
+        {
+            "kind": "webhook",
+            "url": board.url,
+            "secret_file": secret_file,
+            "retry_max": "10s",
+            "poll_every": "1s",
+        }
+    )
+    log.info("Credit records go to a local board at %s", board.url)
+    return board, config.model_copy(update={"upstream": upstream})
 
 
 async def _demo(

@@ -49,3 +49,5 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("gateway.mqtt.paho").setLevel(logging.WARNING)
     # uvicorn's start-up chatter repeats what the gateway already says.
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    # httpx logs every upstream request at INFO; the sender logs what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
