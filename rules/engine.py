@@ -325,11 +325,18 @@ class Engine:
         self._dirty.add(f"silence/{silence_id}")
         return self._book.end_silence(silence_id, self._clock())
 
-    def advance(self, now: float | None = None) -> list[Action]:
-        """Carry out every timer due by ``now`` (default: the clock)."""
+    def advance(
+        self, now: float | None = None, limit: int | None = None
+    ) -> list[Action]:
+        """Carry out the timers due by ``now`` (default: the clock), earliest first.
+
+        With ``limit``, at most that many fire; the rest stay due for the next
+        call, so a caller with other work (the gateway's loop) can take a
+        hundred thousand due escalations in slices instead of one long stop.
+        """
         now = self._clock() if now is None else now
         actions: list[Action] = []
-        for key, due in self._timers.pop_due(now):
+        for key, due in itertools.islice(self._timers.pop_due(now), limit):
             actions.extend(self._fire(key, due, now))
         return actions
 

@@ -68,3 +68,41 @@ def test_heap_stays_proportional_to_live_timers_under_churn():
     fired = list(queue.pop_due(1000.0))
     assert len(fired) == 100
     assert [due for _, due in fired] == sorted(due for _, due in fired)
+
+
+def test_engine_advances_a_flood_of_due_timers_in_slices():
+    """advance(limit=) fires the earliest first and leaves the rest due."""
+    from rules.engine import Engine, counter_ids
+    from rules.events import Event
+    from rules.schema import parse_rules
+    from rules.site import Site
+
+    site = Site.model_validate(
+        {
+            "zones": [{"id": "w", "rooms": [{"id": f"r{n}"} for n in range(50)]}],
+            "devices": [
+                {"id": f"b{n}", "kind": "call_button", "room": f"r{n}"}
+                for n in range(50)
+            ],
+            "staff": [{"id": "ann", "name": "Ann", "roles": ["nurse"]}],
+        }
+    )
+    rules = parse_rules(
+        [
+            {
+                "name": "call",
+                "levels": [{"roles": ["nurse"]}, {"after": 10, "roles": ["nurse"]}],
+            }
+        ]
+    )
+    now = [0.0]
+    engine = Engine(site, rules, lambda: now[0], counter_ids())
+    for n in range(50):
+        now[0] = n * 0.01
+        engine.on_event(Event(f"e{n}", "call", f"b{n}", now[0]))
+    now[0] = 100.0
+    first = engine.advance(limit=20)
+    rest = engine.advance(limit=100)
+    assert [c.alert.device for c in first] == [f"b{n}" for n in range(20)]
+    assert [c.alert.device for c in rest] == [f"b{n}" for n in range(20, 50)]
+    assert engine.advance() == []
