@@ -933,11 +933,12 @@ class Engine:
             raise UnknownStaff(staff)
 
     def _index(self) -> None:
+        candidates = _CandidateRules(list(self._rules.values()))
         for device in self._devices.values():
             zone = self._zone_of(device)
             if zone is not None:
                 self._zone_devices.setdefault(zone, []).append(device.id)
-            for rule in self._rules.values():
+            for rule in candidates.for_device(device.id, zone):
                 if _matches(rule.devices, device, zone):
                     self._route(rule, device.id)
                 elif isinstance(rule, CountRule) and _in_zones(rule.devices, zone):
@@ -974,6 +975,46 @@ class Engine:
     def _add_route(self, rule: RuleBase, device: str, event_type: str | None) -> None:
         if event_type is not None:
             self._routes.setdefault((device, event_type), []).append(rule)
+
+
+class _CandidateRules:
+    """The rules that could match a device, found without trying them all.
+
+    A rule naming device ids can only match those devices, and one naming
+    zones only devices in them; only rules naming neither are tried on every
+    device. Matching 1,000 rules against 19,000 devices one by one took five
+    seconds at start-up.
+    """
+
+    def __init__(self, rules: list[RuleBase]) -> None:
+        self._order = {id(rule): index for index, rule in enumerate(rules)}
+        self._everywhere: list[RuleBase] = []
+        self._by_device: dict[str, list[RuleBase]] = {}
+        self._by_zone: dict[str, list[RuleBase]] = {}
+        for rule in rules:
+            match = rule.devices
+            if isinstance(rule, CountRule):
+                # A count rule also hears resets from devices it does not
+                # count, anywhere in its zones (or in any zone).
+                self._add_by_zones(rule)
+            elif match.ids:
+                for device in match.ids:
+                    self._by_device.setdefault(device, []).append(rule)
+            else:
+                self._add_by_zones(rule)
+
+    def _add_by_zones(self, rule: RuleBase) -> None:
+        if not rule.devices.zones:
+            self._everywhere.append(rule)
+        for zone in rule.devices.zones:
+            self._by_zone.setdefault(zone, []).append(rule)
+
+    def for_device(self, device: str, zone: str | None) -> list[RuleBase]:
+        found = [*self._by_device.get(device, ()), *self._everywhere]
+        if zone is not None:
+            found += self._by_zone.get(zone, ())
+        unique = {id(rule): rule for rule in found}
+        return sorted(unique.values(), key=lambda rule: self._order[id(rule)])
 
 
 def _matches(match: DeviceMatch, device: Device, zone: str | None) -> bool:
