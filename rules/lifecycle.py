@@ -114,8 +114,7 @@ class AlertBook:
         alert.escalation_base = now
         alert.notified_at = now
         self._add(alert)
-        changes = [self._change(alert, "opened", device, "station", now)]
-        return changes[0]
+        return self._change(alert, "opened", device, "station", now)
 
     def close(
         self,
