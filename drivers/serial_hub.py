@@ -735,6 +735,11 @@ class SerialHubDriver:
             error,
             self.settings.reopen_max,
         )
+        # Its devices cannot be heard now: say so, so supervision raises
+        # trouble at once instead of when their heartbeat runs out. Their
+        # next frame after the reopen clears it.
+        for device in sorted(self.settings.device_ids()):
+            self._emit(make_event(device, "offline", clock=self._clock, reason=error))
 
     # -- reader thread: frames -----------------------------------------------------
 

@@ -54,6 +54,10 @@ from rules.timers import TimerQueue
 
 ENTER = "enter"
 LEAVE = "leave"
+OFFLINE = "offline"
+"""Sent by a driver that knows a device is unreachable (its serial port is
+unplugged, say): supervision raises trouble at once, without waiting for the
+heartbeat to run out."""
 
 
 class EngineError(ValueError):
@@ -248,7 +252,10 @@ class Engine:
         for rule in routes:
             actions.extend(self._apply(rule, event, device, now))
         for rule in self._watchers.get(device.id, ()):
-            actions.extend(self._heard(rule, device, now))
+            if event.type == OFFLINE:
+                actions.extend(self._lost(rule, device, now, event.fields))
+            else:
+                actions.extend(self._heard(rule, device, now))
         return actions
 
     def _check(self, rule: RuleBase, event: Event, device: Device, now: float) -> None:
@@ -561,13 +568,33 @@ class Engine:
         zone = self._zone_of(device)
         return self._clear(rule, device.id, zone, f"heard:{device.id}", now)
 
+    def _lost(
+        self,
+        rule: SupervisionRule,
+        device: Device,
+        now: float,
+        fields: dict[str, Any],
+    ) -> list[Action]:
+        if (rule.name, device.id) in self._silent:
+            return []
+        self._timers.cancel(("silent", rule.name, device.id))
+        self._last_heard.pop((rule.name, device.id), None)
+        reason = str(fields.get("reason") or "reported offline by its driver")
+        return self._went_silent(rule, device.id, now, now, {"reason": reason[:120]})
+
     def _went_silent(
-        self, rule: SupervisionRule, device_id: str, due: float, now: float
+        self,
+        rule: SupervisionRule,
+        device_id: str,
+        due: float,
+        now: float,
+        detail: dict[str, Any] | None = None,
     ) -> list[Action]:
         self._silent.add((rule.name, device_id))
         device = self._devices[device_id]
         event_id = f"silent:{device_id}:{due:.3f}"
-        detail = {"silent_for": round(now - due + rule.heartbeat, 3)}
+        if detail is None:
+            detail = {"silent_for": round(now - due + rule.heartbeat, 3)}
         actions: list[Action] = []
         if rule.raises_alerts and self._active(rule, now):
             actions.append(self._open(rule, device_id, device, event_id, now, detail))

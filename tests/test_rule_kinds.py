@@ -560,3 +560,17 @@ def test_levels_can_page_a_group_and_a_zone_team():
     opened = engine.on_event(Event("e1", "call", "call-1", T0))[0]
     # Nobody lists the ward among their zones, so its shared topic is paged.
     assert [n.target for n in opened.notifications] == ["ana", "dev", "zone:ward"]
+
+
+def test_driver_reporting_a_device_offline_raises_trouble_at_once():
+    """An ``offline`` event from a driver trips supervision without waiting."""
+    ward = Ward([heartbeat_rule()])
+    ward.send("towel-2f", "heartbeat")
+    opened = ward.send("towel-2f", "offline", reason="port unplugged")
+    assert kinds(opened) == [("opened", "dispenser-offline")]
+    assert opened[0].alert.detail == {"reason": "port unplugged"}
+    assert ward.send("towel-2f", "offline") == []  # already known
+    assert ward.wait(600) == []  # no second alert when the heartbeat runs out
+    assert kinds(ward.send("towel-2f", "heartbeat")) == [
+        ("resolved", "dispenser-offline")
+    ]
