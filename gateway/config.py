@@ -24,6 +24,7 @@ from drivers.gpio import GPIOSettings
 from drivers.mqtt_native import MappedDevice
 from drivers.presence import PresenceSettings, canonical_badge_id
 from drivers.serial_hub import SerialHubSettings
+from gateway.polls import Poll, poll_problems
 from gateway.upstream import RetentionSettings, UpstreamSettings
 from rules.schema import (
     RULE_KINDS,
@@ -147,6 +148,9 @@ class GatewayConfig(StrictModel):
     retention: RetentionSettings = RetentionSettings()
     """How long events, alerts and the outbox are kept, and the outbox's cap."""
 
+    polls: tuple[Poll, ...] = ()
+    """Anonymous staff mood polls: asked on pagers, only counts go upstream."""
+
     def problems(self) -> list[tuple[Loc, str]]:
         """Cross-references that the field types alone cannot check."""
         found = self.physical_unchecked().problems()
@@ -173,6 +177,7 @@ class GatewayConfig(StrictModel):
             topics.add(mapped.topic)
         roles = {role for member in self.staff for role in member.roles}
         staff = {member.id for member in self.staff}
+        found.extend(poll_problems(self.polls, roles, devices))
         names: set[str] = set()
         for r, rule in enumerate(self.rules):
             if rule.name in names:

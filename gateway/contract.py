@@ -42,6 +42,7 @@ class Topics:
             f"{self.base}/alerts/+/resolve",
             f"{self.base}/silences",
             f"{self.base}/silences/+/end",
+            f"{self.base}/polls/+/answer",
         )
 
     @property
@@ -67,11 +68,15 @@ class Topics:
     def kudos(self, zone: str) -> str:
         return f"{self.base}/zones/{zone}/kudos"
 
+    def poll_result(self, poll_id: str) -> str:
+        return f"{self.base}/polls/{poll_id}/result"
+
     def parse(self, topic: str) -> tuple[str, str] | None:
         """Split an incoming topic into (kind, id), or None if it is not ours.
 
         Kinds: ``event`` (id is the device), ``ack`` and ``resolve`` (id is
-        the alert), ``silence`` (no id) and ``unsilence`` (id is the silence).
+        the alert), ``silence`` (no id), ``unsilence`` (id is the silence)
+        and ``poll_answer`` (id is the poll).
         """
         parts = topic.split("/")
         if len(parts) < 3 or parts[0] != "facility" or parts[1] != self.site:
@@ -88,6 +93,8 @@ class Topics:
             return ("sighting", parts[3])
         if parts[2] == "alerts" and parts[4] in ("ack", "resolve"):
             return (parts[4], parts[3])
+        if parts[2] == "polls" and parts[4] == "answer":
+            return ("poll_answer", parts[3])
         return None
 
 

@@ -36,6 +36,7 @@ from gateway.contract import (
     parse_silence,
 )
 from gateway.mqtt import MQTTLink, Receipt
+from gateway.polls import MOOD, Polls, Result, parse_answer
 from gateway.store import Store, alert_record
 from rules.alerts import Action, Change, Kudos
 from rules.engine import Engine, EngineError, UnknownAlert
@@ -86,6 +87,12 @@ class Gateway:
             config.rules,
             clock,
             new_id=_alert_id,
+            tz=ZoneInfo(config.site.timezone),
+        )
+        self.polls = Polls(
+            self.store.db,
+            config.polls,
+            staff=(member.id for member in config.staff),
             tz=ZoneInfo(config.site.timezone),
         )
         self.rejected: Counter[str] = Counter()
@@ -148,6 +155,8 @@ class Gateway:
             [Change(a.snapshot(), "restored") for a in self.engine.alerts]
         )
         self._ready.set()
+        # A first turn of the loop at once: a poll may be due this minute.
+        self._wake.set()
         try:
             await self._process_forever()
         finally:
@@ -286,6 +295,7 @@ class Gateway:
         # after paho's callbacks and the web server have had theirs.
         changes.extend(self.engine.advance(limit=MAX_TIMERS))
         self._commit_and_publish(events, changes)
+        self._run_polls()
 
         # Only now may the broker forget these messages. If the commit above
         # raised, the process stops unacknowledged, and after the restart the
@@ -324,6 +334,8 @@ class Gateway:
             return self._silence(parse_silence(payload, limit))
         if kind == "unsilence":
             return self.engine.unsilence(key)
+        if kind == "poll_answer":
+            return self._poll_answer(key, payload)
 
         staff, _ = parse_command(payload, limit)
         if kind == "ack":
@@ -336,11 +348,51 @@ class Gateway:
             self.rejected["duplicate"] += 1
             log.debug("Dropped duplicate event %s", event.id)
             return []
+        if event.type == MOOD:
+            # Kept out of the engine and the events table: a poll answer is
+            # stored only in its round, and only until the round closes.
+            self.polls.answer_from_button(
+                event.device, event.id, event.fields.get("answer")
+            )
+            self._remember(event.id)
+            self.accepted += 1
+            return []
         changes = self.engine.on_event(event)
         self._remember(event.id)
         events.append(event)
         self.accepted += 1
         return changes
+
+    def _poll_answer(self, poll_id: str, payload: bytes) -> list[Action]:
+        """A pager's answer to a poll; changes no alert."""
+        answer = parse_answer(payload, self.config.mqtt.max_payload)
+        if answer.id is not None and answer.id in self._seen:
+            # A QoS 1 redelivery must not undo a newer answer of the person.
+            self.rejected["duplicate"] += 1
+            return []
+        self.polls.answer_from_pager(poll_id, answer)
+        if answer.id is not None:
+            self._remember(answer.id)
+        self.accepted += 1
+        return []
+
+    def _run_polls(self) -> None:
+        """Close rounds that are over, then ask the questions due this minute."""
+        if not self.config.polls:
+            return  # no database look-ups per batch for sites without polls
+        now = self.clock()
+        results = self.polls.close_due(now)
+        if results:
+            self.sender.wake()
+        for result in results:
+            self._publish_poll_result(result)
+        for question in self.polls.open_due(now):
+            for role in question.poll.roles:
+                self.link.publish(self.topics.pager(role), question.payload(role))
+
+    def _publish_poll_result(self, result: Result) -> None:
+        payload = json.dumps(result.body(), separators=(",", ":")).encode()
+        self.link.publish(self.topics.poll_result(result.poll), payload, retain=True)
 
     def _silence(self, request: SilenceRequest) -> list[Action]:
         if request.staff not in {member.id for member in self.config.staff}:
@@ -496,10 +548,14 @@ class Gateway:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        due = self.engine.due()
+        now = self.clock()
+        times = [self.engine.due()]
+        if self.config.polls:
+            times.append(self.polls.due(now))
+        due = min((t for t in times if t is not None), default=None)
         if due is None or self._loop is None:
             return
-        delay = max(0.0, due - self.clock())
+        delay = max(0.0, due - now)
         self._timer = self._loop.call_later(delay, self._wake.set)
 
 

@@ -132,6 +132,27 @@ def m004_outbox_delivery(db: sqlite_utils.Database) -> None:
     db["alert_history"].create_index(["at"], index_name="alert_history_at")
 
 
+@migrations()
+def m005_polls(db: sqlite_utils.Database) -> None:
+    # A round keeps its salt only while open; closing deletes the salt and
+    # every answer, leaving counts (and, with enough answers, the outbox).
+    db["poll_rounds"].create(
+        {
+            "poll": str, "round": str, "opened_at": float, "closes_at": float,
+            "closed_at": float, "salt": str, "answered": int,
+        },
+        pk=("poll", "round"),
+        not_null={"opened_at", "closes_at"},
+    )  # fmt: skip
+    db["poll_rounds"].create_index(["closes_at"], index_name="poll_rounds_closes")
+    # ``voter`` is sha256(salt:staff id), or of a button press's event id.
+    db["poll_answers"].create(
+        {"poll": str, "round": str, "voter": str, "answer": str, "at": float},
+        pk=("poll", "round", "voter"),
+        not_null={"answer", "at"},
+    )
+
+
 _UPSERT_ALERT = (
     f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) "  # noqa: S608
     f"VALUES ({', '.join('?' for _ in ALERT_COLUMNS)}) "
