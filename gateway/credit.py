@@ -510,15 +510,42 @@ def credit_resolved(
     """
     badge = site.badge_of(alert.get("resolved_by"))
     if badge is None:
-        return site.credit_alert(alert)
-    end = float(alert.get("resolved_at") or alert["opened_at"])
-    start = float(alert["opened_at"]) - LOOKBACK
-    sightings = sightings_between(conn, start, end, badge).get(badge, [])
-    for event in pending:
-        if event.type in ("enter", "leave") and event.fields.get("badge") == badge:
-            place = str(event.fields.get("zone"))
-            sightings.append(Sighting(place, end, event.type == "leave"))
-    return site.credit_alert(alert, sightings)
+        credit = site.credit_alert(alert)
+    else:
+        end = float(alert.get("resolved_at") or alert["opened_at"])
+        start = float(alert["opened_at"]) - LOOKBACK
+        sightings = sightings_between(conn, start, end, badge).get(badge, [])
+        for event in pending:
+            kind = event.type
+            if kind in ("enter", "leave") and event.fields.get("badge") == badge:
+                place = str(event.fields.get("zone"))
+                sightings.append(Sighting(place, end, kind == "leave"))
+        credit = site.credit_alert(alert, sightings)
+    credit["fastest_of_shift"] = _fastest_of_shift(conn, credit)
+    return credit
+
+
+SHIFT = 12 * 3600.0
+"""The window a "fastest response of the shift" is judged in. Ward shifts run
+8 to 12 hours, and a credit does not know when its person's shift began, so
+the last 12 hours stand in for it."""
+
+
+def _fastest_of_shift(
+    conn: sqlite3.Connection, credit: Mapping[str, Any]
+) -> bool | None:
+    """Whether this granted response beats every other one of the last shift."""
+    response = credit.get("response_seconds")
+    if response is None or not credit.get("granted"):
+        return None
+    now = float(credit.get("resolved_at") or credit["opened_at"])
+    best = conn.execute(
+        "SELECT MIN(COALESCE(acked_at, resolved_at) - opened_at) FROM alerts "
+        "WHERE state = 'resolved' AND resolved_by IS NOT NULL "
+        "AND resolved_at >= ? AND resolved_at <= ? AND id != ?",
+        [now - SHIFT, now, credit["alert"]],
+    ).fetchone()[0]
+    return best is None or response < best
 
 
 # -- the recognition summary --------------------------------------------------

@@ -531,3 +531,26 @@ def test_summary_of_an_empty_database(tmp_path, site):
         summary = recognition_summary(conn, site, BERLIN, NOW)
     assert all(p["gaps_closed"] == 0 for p in summary["week"]["people"])
     assert [t["team"] for t in summary["week"]["teams"]] == ["east", "west"]
+
+
+def test_fastest_response_of_the_shift_is_flagged(tmp_path, site):
+    """The first answer of the shift is the fastest; a slower one later is not."""
+    store = Store(tmp_path / "gw.db")
+    try:
+        ward = Ward(store=store)
+        conn = store.db.conn
+        quick = ward.call("call-1")[0].alert.id
+        ward.wait(10)
+        ward.badge("b-ben", "room-1")
+        record = resolved(ward.resolve(quick, "ben"))
+        assert credit_resolved(conn, site, record)["fastest_of_shift"] is True
+
+        slow = ward.call("call-2")[0].alert.id
+        ward.wait(60)
+        ward.badge("b-ben", "room-2")
+        record = resolved(ward.resolve(slow, "ben"))
+        credit = credit_resolved(conn, site, record)
+        assert credit["granted"] is True
+        assert credit["fastest_of_shift"] is False
+    finally:
+        store.close()
