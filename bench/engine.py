@@ -1027,7 +1027,8 @@ def one_repeat(
 def profile_summary(profiler: cProfile.Profile, top: int = 30) -> dict[str, Any]:
     stats = pstats.Stats(profiler)
     rows = []
-    for (path, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+    entries = stats.stats.items()  # type: ignore[attr-defined]
+    for (path, line, name), (_, calls, tottime, cumtime, _) in entries:
         rows.append(
             {
                 "function": f"{_short(path)}:{line}({name})",

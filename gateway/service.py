@@ -418,15 +418,13 @@ class Gateway:
 
     def _reject(self, topic: str, exc: Exception) -> None:
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        if isinstance(exc, UnknownAlert):
-            stored = self.store.alert(exc.alert_id)
-            reason = "alert_resolved" if stored else "unknown_alert"
-        self.rejected[reason] += 1
-        if reason == "alert_resolved":
+        if isinstance(exc, UnknownAlert) and self.store.alert(exc.alert_id):
             # Two people answering one call is ordinary; the later tap finds
             # it closed. Counted, but not a warning.
-            log.info("Ignored %s: alert %s is already resolved", topic, exc.alert_id)  # type: ignore[attr-defined]
+            self.rejected["alert_resolved"] += 1
+            log.info("Ignored %s: alert %s is already resolved", topic, exc.alert_id)
             return
+        self.rejected[reason] += 1
         log.warning("Rejected message on %s: %s", topic, exc)
 
     def _remember(self, event_id: str) -> None:

@@ -749,11 +749,10 @@ def _delete(
     """Delete rows by id, one short transaction per chunk."""
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
+        # Table and column names are constants of this module, never input.
+        sql = f"DELETE FROM {table} WHERE {column} IN ({_marks(chunk)})"  # noqa: S608
         with _writing(conn):
-            conn.execute(
-                f"DELETE FROM {table} WHERE {column} IN ({_marks(chunk)})",  # noqa: S608 - names are constants
-                chunk,
-            )
+            conn.execute(sql, chunk)
 
 
 def _newest_seq(conn: sqlite3.Connection) -> int:

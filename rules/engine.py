@@ -494,16 +494,9 @@ class Engine:
             return []
         state.tripped = True
         self._dirty.add(f"threshold/{rule.name}/{device_id}")
-        device = self._devices[device_id]
         detail = {"reading": rule.reading, "value": state.value}
         event_id = f"threshold:{rule.name}:{device_id}:{state.since:.3f}"
-        actions: list[Action] = []
-        if rule.raises_alerts and self._active(rule, now):
-            actions.append(self._open(rule, device_id, device, event_id, now, detail))
-        zone = self._zone_of(device)
-        if zone is not None:
-            actions.extend(self._composites_for(rule, zone, device, event_id, now))
-        return actions
+        return self._device_condition(rule, device_id, event_id, now, detail)
 
     def _load_threshold(self, name: str, device: str, state: Threshold) -> None:
         rule = self._rules[name]
@@ -591,17 +584,10 @@ class Engine:
         detail: dict[str, Any] | None = None,
     ) -> list[Action]:
         self._silent.add((rule.name, device_id))
-        device = self._devices[device_id]
         event_id = f"silent:{device_id}:{due:.3f}"
         if detail is None:
             detail = {"silent_for": round(now - due + rule.heartbeat, 3)}
-        actions: list[Action] = []
-        if rule.raises_alerts and self._active(rule, now):
-            actions.append(self._open(rule, device_id, device, event_id, now, detail))
-        zone = self._zone_of(device)
-        if zone is not None:
-            actions.extend(self._composites_for(rule, zone, device, event_id, now))
-        return actions
+        return self._device_condition(rule, device_id, event_id, now, detail)
 
     # -- badges and presence --------------------------------------------------
 
@@ -746,6 +732,24 @@ class Engine:
         ):
             actions.append(self._open(rule, zone, device, event_id, now, detail))
         actions.extend(self._composites_for(rule, zone, device, event_id, now))
+        return actions
+
+    def _device_condition(
+        self,
+        rule: RuleBase,
+        device_id: str,
+        event_id: str,
+        now: float,
+        detail: dict[str, Any],
+    ) -> list[Action]:
+        """A device rule's condition holds: raise its gap, update composites."""
+        device = self._devices[device_id]
+        actions: list[Action] = []
+        if rule.raises_alerts and self._active(rule, now):
+            actions.append(self._open(rule, device_id, device, event_id, now, detail))
+        zone = self._zone_of(device)
+        if zone is not None:
+            actions.extend(self._composites_for(rule, zone, device, event_id, now))
         return actions
 
     def _clear(

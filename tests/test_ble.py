@@ -588,4 +588,6 @@ def test_the_bleak_factory_builds_passive_and_active_scanners():
 
 def test_settings_refuse_a_backoff_cap_below_its_start():
     with pytest.raises(ValueError, match="'retry_max' must not be shorter"):
-        BLESettings(receiver="gw-ble", retry_initial="30s", retry_max="10s")  # type: ignore[arg-type]
+        BLESettings.model_validate(
+            {"receiver": "gw-ble", "retry_initial": "30s", "retry_max": "10s"}
+        )
