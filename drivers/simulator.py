@@ -1,7 +1,16 @@
 """A simulated facility: a ward with call buttons and a restroom with sensors.
 
-It talks to the gateway only through the broker, exactly as real devices and
-pagers do, so the demo exercises the same code path as a site:
+The people are the same whichever way their actions reach the gateway:
+
+* :class:`MqttOutlet` acts as real devices and pagers do, over the broker
+  (the demo: the same code path as a site, acknowledgements included);
+* :class:`SimulatorDriver` is a driver like the GPIO or serial ones: its
+  events go straight to the gateway through ``emit``, and it learns of
+  alerts the way a dome light does, through ``show_alert``. Its staff have
+  no pagers, so they answer in person: a badge walking in, or the cancel
+  button at the bedside. Load tests and the footprint benchmark use it.
+
+What happens:
 
 * patients press call buttons; nurses answer from their pagers after a few
   seconds, some by walking in (their badge resolves the call), some by
@@ -23,18 +32,38 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import Field
+
+from drivers.base import Emit, make_event
+from rules.schema import StrictModel
 
 log = logging.getLogger("sim")
+
+
+class SimulatorSettings(StrictModel):
+    """``simulator:`` in a site file: simulated people act on the site's devices.
+
+    For demos, load tests and benchmarks, never for a live site: the events it
+    sends are as real to the engine as a patient's press.
+    """
+
+    speed: float = Field(1.0, gt=0, le=1000)
+    """How many times faster than real time people act."""
+
+    seed: int | None = None
+    """Fix it to replay the same day; leave it out for a new day each run."""
 
 
 @dataclass(frozen=True)
@@ -81,19 +110,32 @@ class Behaviour:
 
     outage_for: float = 75.0
 
+    visit_at_least: float = 0.0
+    """Real seconds a walk-in lasts at least: at ``speed`` above 1 a visit
+    would otherwise end before the rule's dwell (real time) has passed."""
+
+    def busyness(self, hour: float) -> float:
+        """How busy the ward is at an hour of the day, 1.0 being an average hour.
+
+        Calls bunch up at morning care and meals and thin out at night, so a
+        day at ``speed`` shows the peaks a real shift has.
+        """
+        peaks = ((7.5, 1.0), (12.5, 0.6), (18.0, 0.6), (21.5, 0.4))
+        night = 0.35 if hour < 6 or hour >= 23 else 0.8
+        return night + sum(
+            height * math.exp(-(((hour - at) / 1.2) ** 2)) for at, height in peaks
+        )
+
 
 class SimulatedFacility:
-    """Drives the devices and pagers of a site, by kind, over MQTT."""
+    """The people of a site, acting on its devices, found by kind."""
 
     def __init__(
         self,
         site: str,
         devices: Iterable[Device],
         staff: Iterable[Person],
-        host: str,
-        port: int,
-        username: str | None = None,
-        password: str | None = None,
+        outlet: Outlet,
         behaviour: Behaviour | None = None,
         seed: int | None = None,
         physical: Mapping[tuple[str, str], Callable[[], Awaitable[None]]] | None = None,
@@ -101,6 +143,8 @@ class SimulatedFacility:
         speed: float = 1.0,
     ) -> None:
         """Args:
+        outlet: how actions reach the gateway (:class:`MqttOutlet`, or the
+            ``emit`` of :class:`SimulatorDriver`).
         physical: (device, event type) -> what acting on the device means when
             it is wired to the gateway rather than on MQTT, e.g. a finger on
             a mock GPIO pin or a frame written to a serial hub's port.
@@ -118,8 +162,7 @@ class SimulatedFacility:
         self._staff = list(staff)
         self._behaviour = behaviour or Behaviour()
         self._rng = random.Random(seed)
-        self._host = host
-        self._port = port
+        self._outlet = outlet
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handled: set[str] = set()
         self._resolved: set[str] = set()
@@ -128,22 +171,17 @@ class SimulatedFacility:
         self._sightings = sightings
         self._towels = {d.id: 70.0 for d in self._of_kind("dispenser")}
         self._last_press: dict[str, float] = {}
+        self.actions = 0
+        """Device actions taken so far (events sent, frames written, presses)."""
 
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"sim-{uuid.uuid4().hex[:8]}"
-        )
-        if username:
-            client.username_pw_set(username, password)
-        client.on_socket_open = _no_delay
-        client.on_connect = self._on_connect
-        client.on_message = self._on_message
-        self._client = client
+        now = time.localtime()
+        self._day_start = now.tm_hour + now.tm_min / 60
+        self._started = time.monotonic()
 
     async def run(self) -> None:
         """Simulate until cancelled."""
         self._loop = asyncio.get_running_loop()
-        self._client.connect_async(self._host, self._port, keepalive=15)
-        self._client.loop_start()
+        self._outlet.open(self._loop, self.on_page)
         activities = [self._patients(), self._codes(), self._restroom()]
         activities += [self._heartbeats(d) for d in self._of_kind("dispenser")]
         try:
@@ -151,8 +189,7 @@ class SimulatedFacility:
         finally:
             for task in self._tasks:
                 task.cancel()
-            self._client.disconnect()
-            self._client.loop_stop()
+            self._outlet.close()
 
     # -- the ward ------------------------------------------------------------------
 
@@ -167,7 +204,8 @@ class SimulatedFacility:
             bed = self._rng.choice(beds)
             self._send(bed, "call")
             log.info("%s: patient pressed the call button", bed.room)
-            await self._wait(self._rng.uniform(*self._behaviour.call_every))
+            pause = self._rng.uniform(*self._behaviour.call_every)
+            await self._wait(pause / self._behaviour.busyness(self._hour()))
 
     async def _codes(self) -> None:
         stations = self._of_kind("code_button")
@@ -241,20 +279,10 @@ class SimulatedFacility:
                 next_outage = self._rng.uniform(*behaviour.outage_every)
             self._send(dispenser, "heartbeat")
 
-    # -- pagers ------------------------------------------------------------------------
+    # -- pages -------------------------------------------------------------------------
 
-    def _on_connect(self, client: paho.Client, *args: object) -> None:
-        client.subscribe(f"facility/{self._site}/pagers/+", qos=1)
-
-    def _on_message(
-        self, client: paho.Client, userdata: object, message: paho.MQTTMessage
-    ) -> None:
-        if self._loop is None or not message.payload:
-            return
-        note = json.loads(message.payload)
-        self._loop.call_soon_threadsafe(self._on_page, note)
-
-    def _on_page(self, note: dict[str, Any]) -> None:
+    def on_page(self, note: Mapping[str, Any]) -> None:
+        """A page reached the staff (on the simulation's loop): act on it."""
         alert = str(note["alert"])
         if note["reason"] == "resolved":
             self._resolved.add(alert)
@@ -270,7 +298,7 @@ class SimulatedFacility:
             self._handled.add(alert)
             self._spawn(self._service_restroom(alert, note))
 
-    def _on_call(self, alert: str, note: dict[str, Any]) -> None:
+    def _on_call(self, alert: str, note: Mapping[str, Any]) -> None:
         behaviour = self._behaviour
         if note["reason"] == "opened":
             draw = self._rng.random()
@@ -283,18 +311,20 @@ class SimulatedFacility:
         self._handled.add(alert)
         self._spawn(self._answer(alert, note))
 
-    async def _answer(self, alert: str, note: dict[str, Any]) -> None:
+    async def _answer(self, alert: str, note: Mapping[str, Any]) -> None:
         behaviour = self._behaviour
         person = self._someone_for(note)
         await self._wait(self._rng.uniform(*behaviour.answer_after))
-        self._command(alert, "ack", person)
+        paged = self._outlet.command(alert, "ack", person)
         room = note.get("room")
-        if person.badge and room and self._rng.random() < behaviour.walk_in_share:
+        walk_in = not paged or self._rng.random() < behaviour.walk_in_share
+        if person.badge and room and walk_in:
             # Walking in: the badge in the room closes the call by itself.
             await self._visit(person, str(room), self._rng.uniform(8.0, 14.0))
             return
         await self._wait(self._rng.uniform(*behaviour.work_for))
-        self._command(alert, "resolve", person)
+        if not self._outlet.command(alert, "resolve", person):
+            self._spawn(self._cancel_at_bedside(str(note["device"])))
 
     async def _cancel_at_bedside(self, device: str) -> None:
         await self._wait(self._rng.uniform(2.0, 6.0))
@@ -302,16 +332,16 @@ class SimulatedFacility:
         self._send(bed, "cancel")
         log.info("%s: patient cancelled the call at the bedside", bed.room)
 
-    async def _service_restroom(self, alert: str, note: dict[str, Any]) -> None:
+    async def _service_restroom(self, alert: str, note: Mapping[str, Any]) -> None:
         cleaner = self._someone_for(note)
         await self._wait(self._rng.uniform(5.0, 12.0))
         if alert in self._resolved:
             return  # someone else's visit closed it meanwhile
-        self._command(alert, "ack", cleaner)
+        self._outlet.command(alert, "ack", cleaner)
         place = self._restroom_room()
         if cleaner.badge is None or place is None:
             await self._wait(self._rng.uniform(5.0, 10.0))
-            self._command(alert, "resolve", cleaner)
+            self._outlet.command(alert, "resolve", cleaner)
             return
         for dispenser in self._of_kind("dispenser"):
             self._towels[dispenser.id] = 100.0
@@ -319,7 +349,7 @@ class SimulatedFacility:
         await self._visit(cleaner, place, self._rng.uniform(10.0, 16.0))
         # The visit resets a count by itself; other gaps need a tap.
         if alert not in self._resolved:
-            self._command(alert, "resolve", cleaner)
+            self._outlet.command(alert, "resolve", cleaner)
 
     async def _visit(self, person: Person, room: str, stay: float) -> None:
         receiver = self._receiver(room)
@@ -336,17 +366,16 @@ class SimulatedFacility:
                 await self._wait(1.0)
             return
         self._send(receiver, "enter", badge=person.badge, zone=room, rssi=-58)
-        await self._wait(stay)
+        await asyncio.sleep(max(stay / self._speed, self._behaviour.visit_at_least))
         self._send(receiver, "leave", badge=person.badge, zone=room)
 
     def _sight(self, receiver: Device, person: Person, rssi: float) -> None:
-        body = {"badge": person.badge, "rssi": round(rssi), "ts": time.time()}
-        topic = f"facility/{self._site}/devices/{receiver.id}/sightings"
-        self._client.publish(topic, json.dumps(body), qos=0)
+        if person.badge is not None:
+            self._outlet.sight(receiver.id, person.badge, round(rssi))
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _someone_for(self, note: dict[str, Any]) -> Person:
+    def _someone_for(self, note: Mapping[str, Any]) -> Person:
         target = str(note.get("target", ""))
         # The pager topic names a role or a person; pick someone who fits.
         wanted = [p for p in self._staff if target in p.roles or p.id == target]
@@ -371,31 +400,254 @@ class SimulatedFacility:
     def _send(self, device: Device, kind: str, **fields: Any) -> None:
         if device.id in self._silent:
             return  # a silent device sends nothing at all
+        self.actions += 1
         physical = self._physical.get((device.id, kind))
         if physical is not None:
             # Wired to the gateway itself (a GPIO pin, a serial hub): act on
-            # the hardware stand-in instead of publishing.
+            # the hardware stand-in instead.
             self._spawn(physical())
             return
-        event = {
-            "id": uuid.uuid4().hex,
-            "type": kind,
-            "device": device.id,
-            "ts": time.time(),
-            **fields,
-        }
-        topic = f"facility/{self._site}/devices/{device.id}/events"
-        self._client.publish(topic, json.dumps(event), qos=1)
+        self._outlet.send(device.id, kind, fields)
 
-    def _command(self, alert: str, verb: str, person: Person) -> None:
-        topic = f"facility/{self._site}/alerts/{alert}/{verb}"
-        body = {"id": uuid.uuid4().hex, "staff": person.id}
-        self._client.publish(topic, json.dumps(body), qos=1)
+    def _hour(self) -> float:
+        """The hour of the simulated day, which runs ``speed`` times fast."""
+        hours = (time.monotonic() - self._started) * self._speed / 3600
+        return (self._day_start + hours) % 24
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class Outlet(Protocol):
+    """How the simulated people's actions reach the gateway."""
+
+    def open(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_page: Callable[[Mapping[str, Any]], None],
+    ) -> None:
+        """Start; call ``on_page`` on ``loop`` for each page staff receive."""
+
+    def close(self) -> None:
+        """Stop; safe to call twice."""
+
+    def send(self, device: str, kind: str, fields: Mapping[str, Any]) -> None:
+        """A device reports an event."""
+
+    def sight(self, receiver: str, badge: str, rssi: int) -> None:
+        """A BLE receiver hears a badge."""
+
+    def command(self, alert: str, verb: str, person: Person) -> bool:
+        """A person acks or resolves from a pager; False if they carry none."""
+
+
+class MqttOutlet:
+    """Devices and pagers on the broker, exactly as on a site."""
+
+    def __init__(
+        self,
+        site: str,
+        host: str,
+        port: int,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self._site = site
+        self._host = host
+        self._port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_page: Callable[[Mapping[str, Any]], None] | None = None
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"sim-{uuid.uuid4().hex[:8]}"
+        )
+        if username:
+            client.username_pw_set(username, password)
+        client.on_socket_open = _no_delay
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        self._client = client
+
+    def open(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_page: Callable[[Mapping[str, Any]], None],
+    ) -> None:
+        self._loop, self._on_page = loop, on_page
+        self._client.connect_async(self._host, self._port, keepalive=15)
+        self._client.loop_start()
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def send(self, device: str, kind: str, fields: Mapping[str, Any]) -> None:
+        event = {
+            "id": uuid.uuid4().hex,
+            "type": kind,
+            "device": device,
+            "ts": time.time(),
+            **fields,
+        }
+        topic = f"facility/{self._site}/devices/{device}/events"
+        self._client.publish(topic, json.dumps(event), qos=1)
+
+    def sight(self, receiver: str, badge: str, rssi: int) -> None:
+        body = {"badge": badge, "rssi": rssi, "ts": time.time()}
+        topic = f"facility/{self._site}/devices/{receiver}/sightings"
+        self._client.publish(topic, json.dumps(body), qos=0)
+
+    def command(self, alert: str, verb: str, person: Person) -> bool:
+        # A pager speaks for its own person, on that person's staff topic.
+        topic = f"facility/{self._site}/staff/{person.id}/{verb}"
+        body = {"id": uuid.uuid4().hex, "alert": alert}
+        self._client.publish(topic, json.dumps(body), qos=1)
+        return True
+
+    def _on_connect(self, client: paho.Client, *args: object) -> None:
+        client.subscribe(f"facility/{self._site}/pagers/+", qos=1)
+
+    def _on_message(
+        self, client: paho.Client, userdata: object, message: paho.MQTTMessage
+    ) -> None:
+        if self._loop is None or self._on_page is None or not message.payload:
+            return
+        note = json.loads(message.payload)
+        self._loop.call_soon_threadsafe(self._on_page, note)
+
+
+class SimulatorDriver:
+    """A simulated facility behind the driver interface, on a thread of its own.
+
+    Its events reach the gateway through ``emit`` like any driver's, and it
+    learns of alerts from ``show_alert``, as a dome light does. Nobody carries
+    a pager here: staff answer by walking in (their badge resolves the call)
+    or by the cancel button at the bedside.
+    """
+
+    def __init__(
+        self,
+        site: str,
+        devices: Iterable[Device],
+        staff: Iterable[Person],
+        behaviour: Behaviour | None = None,
+        seed: int | None = None,
+        speed: float = 1.0,
+        answerers: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
+        """Args:
+        answerers: rule name -> the roles that answer its alerts in person
+            (those whose badge resolves it); anyone answers other alerts.
+        """
+        self.name = "simulator"
+        self._answerers = {
+            rule: list(roles) for rule, roles in (answerers or {}).items()
+        }
+        self._rng = random.Random(seed)
+        self._facility = SimulatedFacility(
+            site, devices, staff, self, behaviour, seed=seed, speed=speed
+        )
+        self._speed = speed
+        self._emit: Emit | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_page: Callable[[Mapping[str, Any]], None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._seen: set[str] = set()
+        self._pages = 0
+
+    # -- the driver interface --------------------------------------------------------
+
+    def start(self, emit: Emit) -> None:
+        self._emit = emit
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="simulator", daemon=True
+        )
+        self._thread.start()
+        ready.wait(5.0)
+
+    def stop(self) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+    def health(self) -> Mapping[str, Any]:
+        return {
+            "running": self._thread is not None and self._thread.is_alive(),
+            "speed": self._speed,
+            "actions": self._facility.actions,
+            "alerts_seen": self._pages,
+        }
+
+    def show_alert(self, alert: Mapping[str, Any]) -> None:
+        """Turn an alert's state into the page the simulated staff react to."""
+        loop, on_page = self._loop, self._on_page
+        if loop is None or on_page is None or loop.is_closed():
+            return
+        state = alert.get("state")
+        if state == "resolved":
+            reason = "resolved"
+        elif state == "escalated":
+            reason = "escalated"
+        elif state == "open" and alert["id"] not in self._seen:
+            self._seen.add(str(alert["id"]))
+            reason = "opened"
+        else:
+            return
+        self._pages += 1
+        note = {
+            "alert": alert["id"],
+            "reason": reason,
+            "priority": alert.get("priority"),
+            "device": alert.get("device"),
+            "room": alert.get("room"),
+            # Pages go to roles; pick one of those who can close this gap.
+            "target": self._rng.choice(self._answerers.get(alert.get("rule"), [""])),
+        }
+        loop.call_soon_threadsafe(on_page, note)
+
+    # -- the outlet the facility acts through ------------------------------------------
+
+    def open(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_page: Callable[[Mapping[str, Any]], None],
+    ) -> None:
+        self._loop, self._on_page = loop, on_page
+
+    def close(self) -> None:
+        self._on_page = None
+
+    def send(self, device: str, kind: str, fields: Mapping[str, Any]) -> None:
+        if self._emit is not None:
+            self._emit(make_event(device, kind, **fields))
+
+    def sight(self, receiver: str, badge: str, rssi: int) -> None:
+        # Sightings belong to the presence tracker, which this driver does
+        # not feed: its facility walks staff in with enter and leave events.
+        raise NotImplementedError("the simulator driver sends enter/leave events")
+
+    def command(self, alert: str, verb: str, person: Person) -> bool:
+        return False  # no pagers: staff answer in person
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._task = loop.create_task(self._facility.run())
+        ready.set()
+        try:
+            loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - a broken simulation must not stop alerting
+            log.exception("The simulated facility stopped")
+        finally:
+            loop.close()
 
 
 def _no_delay(client: paho.Client, userdata: object, sock: socket.socket) -> None:

@@ -24,6 +24,7 @@ from drivers.gpio import GPIOSettings
 from drivers.mqtt_native import MappedDevice
 from drivers.presence import PresenceSettings, canonical_badge_id
 from drivers.serial_hub import SerialHubSettings
+from drivers.simulator import SimulatorSettings
 from gateway.polls import Poll, poll_problems
 from gateway.upstream import RetentionSettings, UpstreamSettings
 from rules.schema import (
@@ -150,6 +151,9 @@ class GatewayConfig(StrictModel):
 
     polls: tuple[Poll, ...] = ()
     """Anonymous staff mood polls: asked on pagers, only counts go upstream."""
+
+    simulator: SimulatorSettings | None = None
+    """Simulated people on this site's devices (load tests, benchmarks)."""
 
     def problems(self) -> list[tuple[Loc, str]]:
         """Cross-references that the field types alone cannot check."""

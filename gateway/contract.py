@@ -43,6 +43,9 @@ class Topics:
             f"{self.base}/silences",
             f"{self.base}/silences/+/end",
             f"{self.base}/polls/+/answer",
+            f"{self.base}/staff/+/ack",
+            f"{self.base}/staff/+/resolve",
+            f"{self.base}/staff/+/answer",
         )
 
     @property
@@ -75,8 +78,9 @@ class Topics:
         """Split an incoming topic into (kind, id), or None if it is not ours.
 
         Kinds: ``event`` (id is the device), ``ack`` and ``resolve`` (id is
-        the alert), ``silence`` (no id), ``unsilence`` (id is the silence)
-        and ``poll_answer`` (id is the poll).
+        the alert), ``silence`` (no id), ``unsilence`` (id is the silence),
+        ``poll_answer`` (id is the poll), and ``staff_ack``, ``staff_resolve``
+        and ``staff_answer`` (id is the staff member the topic speaks for).
         """
         parts = topic.split("/")
         if len(parts) < 3 or parts[0] != "facility" or parts[1] != self.site:
@@ -95,6 +99,8 @@ class Topics:
             return (parts[4], parts[3])
         if parts[2] == "polls" and parts[4] == "answer":
             return ("poll_answer", parts[3])
+        if parts[2] == "staff" and parts[4] in ("ack", "resolve", "answer"):
+            return (f"staff_{parts[4]}", parts[3])
         return None
 
 
@@ -149,6 +155,34 @@ def parse_command(payload: bytes, max_payload: int) -> tuple[str, str | None]:
             "bad_field", f"'id' must be a string, got {message_id!r:.60}"
         )
     return staff, message_id
+
+
+def parse_staff_command(
+    staff: str, payload: bytes, max_payload: int
+) -> tuple[str, str | None]:
+    """Read a pager's ack or resolve on its own staff topic: ``{"alert", "id"}``.
+
+    The staff id comes from the topic, which the broker's ACL lets only that
+    person's pager write; a body naming someone else is a spoof, refused.
+    """
+    body = decode_json_object(payload, max_payload)
+    alert = body.get("alert")
+    if not isinstance(alert, str) or not alert:
+        raise RejectedMessage(
+            "missing_field", f"'alert' must name the alert id, got {alert!r:.60}"
+        )
+    claimed = body.get("staff", staff)
+    if claimed != staff:
+        raise RejectedMessage(
+            "spoofed",
+            f"the topic speaks for {staff!r:.40} but the body names {claimed!r:.40}",
+        )
+    message_id = body.get("id")
+    if message_id is not None and not isinstance(message_id, str):
+        raise RejectedMessage(
+            "bad_field", f"'id' must be a string, got {message_id!r:.60}"
+        )
+    return alert, message_id
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from gpiozero.pins.mock import MockFactory
 from pydantic import SecretStr
 
 from drivers.serial_hub import encode_frame
-from drivers.simulator import Device, Person, SimulatedFacility
+from drivers.simulator import Device, MqttOutlet, Person, SimulatedFacility
 from gateway.broker import BrokerError, PrivateBroker, free_port, port_answers
 from gateway.config import GatewayConfig, load_config
 from gateway.credit_board import CreditBoard
@@ -127,10 +127,13 @@ async def _run_facility(
         config.site.id,
         devices=[Device(d.id, d.kind, d.room) for d in config.devices],
         staff=[Person(s.id, s.name, s.roles, s.badge) for s in config.staff],
-        host=config.mqtt.host,
-        port=config.mqtt.port,
-        username=sim_user,
-        password=sim_password,
+        outlet=MqttOutlet(
+            config.site.id,
+            config.mqtt.host,
+            config.mqtt.port,
+            username=sim_user,
+            password=sim_password,
+        ),
         physical=bench.physical(),
         sightings=config.presence is not None,
         speed=speed,

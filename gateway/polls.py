@@ -163,10 +163,23 @@ class PollAnswer:
     id: str | None
 
 
-def parse_answer(payload: bytes, max_payload: int) -> PollAnswer:
-    """Read a pager's answer, or raise :class:`RejectedMessage`."""
+def parse_answer(
+    payload: bytes, max_payload: int, staff: str | None = None
+) -> PollAnswer:
+    """Read a pager's answer, or raise :class:`RejectedMessage`.
+
+    ``staff`` is the person the topic speaks for, when the answer came on a
+    pager's own staff topic; a body naming someone else is then refused.
+    """
     body = decode_json_object(payload, max_payload)
-    staff, answer, message_id = body.get("staff"), body.get("answer"), body.get("id")
+    answer, message_id = body.get("answer"), body.get("id")
+    claimed = body.get("staff", staff)
+    if staff is not None and claimed != staff:
+        raise RejectedMessage(
+            "spoofed",
+            f"the topic speaks for {staff!r:.40} but the body names {claimed!r:.40}",
+        )
+    staff = claimed
     if not isinstance(staff, str) or not staff:
         raise RejectedMessage("missing_field", "'staff' must name who answers")
     if not isinstance(answer, str) or not answer:

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from zoneinfo import ZoneInfo
 
 from drivers.base import Driver, make_event
-from drivers.mqtt_device import RejectedMessage, parse_event
+from drivers.mqtt_device import RejectedMessage, decode_json_object, parse_event
 from drivers.mqtt_native import NativeDevices
 from drivers.presence import PresenceTracker
 from gateway import credit, upstream
@@ -34,6 +34,7 @@ from gateway.contract import (
     pager_payload,
     parse_command,
     parse_silence,
+    parse_staff_command,
 )
 from gateway.mqtt import MQTTLink, Receipt
 from gateway.polls import MOOD, Polls, Result, parse_answer
@@ -336,6 +337,14 @@ class Gateway:
             return self.engine.unsilence(key)
         if kind == "poll_answer":
             return self._poll_answer(key, payload)
+        if kind == "staff_answer":
+            return self._poll_answer(_poll_of(payload, limit), payload, staff=key)
+        if kind in ("staff_ack", "staff_resolve"):
+            # A pager on its own topic: the broker vouches for who it is.
+            alert, _ = parse_staff_command(key, payload, limit)
+            if kind == "staff_ack":
+                return self.engine.acknowledge(alert, key, via="pager")
+            return self.engine.resolve(alert, key, via="pager")
 
         staff, _ = parse_command(payload, limit)
         if kind == "ack":
@@ -363,9 +372,11 @@ class Gateway:
         self.accepted += 1
         return changes
 
-    def _poll_answer(self, poll_id: str, payload: bytes) -> list[Action]:
+    def _poll_answer(
+        self, poll_id: str, payload: bytes, staff: str | None = None
+    ) -> list[Action]:
         """A pager's answer to a poll; changes no alert."""
-        answer = parse_answer(payload, self.config.mqtt.max_payload)
+        answer = parse_answer(payload, self.config.mqtt.max_payload, staff)
         if answer.id is not None and answer.id in self._seen:
             # A QoS 1 redelivery must not undo a newer answer of the person.
             self.rejected["duplicate"] += 1
@@ -555,6 +566,14 @@ class Gateway:
             return
         delay = max(0.0, due - now)
         self._timer = self._loop.call_later(delay, self._wake.set)
+
+
+def _poll_of(payload: bytes, max_payload: int) -> str:
+    """The poll an answer on a staff topic is for: its ``poll`` field."""
+    poll = decode_json_object(payload, max_payload).get("poll")
+    if not isinstance(poll, str) or not poll:
+        raise RejectedMessage("missing_field", "'poll' must name the poll id")
+    return poll
 
 
 def _urgency(change: Change) -> int:

@@ -16,6 +16,7 @@ from drivers.ble import BLEScanner
 from drivers.gpio import GPIODriver
 from drivers.presence import PresenceTracker
 from drivers.serial_hub import SerialHubDriver
+from drivers.simulator import Behaviour, Device, Person, SimulatorDriver
 from gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,41 @@ def build_drivers(
         drivers.append(tracker)
         if config.ble is not None:
             drivers.append(BLEScanner(config.ble, tracker.feed))
+    if config.simulator is not None:
+        drivers.append(simulator(config))
     return drivers
+
+
+def simulator(config: GatewayConfig) -> SimulatorDriver:
+    """Simulated people on the site's devices; each rule's gaps answered by
+    the roles whose badge can close them (else its first level's roles)."""
+    answerers: dict[str, tuple[str, ...]] = {}
+    dwell = 0.0
+    for rule in config.rules:
+        visit = getattr(rule, "resolve_by_presence", None) or getattr(
+            rule, "reset_by_visit", None
+        )
+        roles = tuple(visit.roles) if visit is not None else ()
+        dwell = max(dwell, visit.dwell if visit is not None else 0.0)
+        if not roles and rule.levels:
+            roles = tuple(rule.levels[0].roles)
+        answerers[rule.name] = roles or ("",)
+    settings = config.simulator
+    assert settings is not None
+    log.warning(
+        "Simulated people are acting on this site's devices (speed %gx): "
+        "remove 'simulator:' from the site file on a live site",
+        settings.speed,
+    )
+    return SimulatorDriver(
+        config.site.id,
+        devices=[Device(d.id, d.kind, d.room) for d in config.devices],
+        staff=[Person(s.id, s.name, s.roles, s.badge) for s in config.staff],
+        behaviour=Behaviour(visit_at_least=dwell + 1.0),
+        seed=settings.seed,
+        speed=settings.speed,
+        answerers=answerers,
+    )
 
 
 def presence_tracker(config: GatewayConfig) -> PresenceTracker | None:

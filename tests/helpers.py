@@ -136,6 +136,10 @@ class SiteTopics:
     def pager(self, target: str) -> str:
         return f"facility/{self.site}/pagers/{target}"
 
+    def staff(self, staff: str, verb: str) -> str:
+        """A pager's own command topic: ``ack``, ``resolve`` or ``answer``."""
+        return f"facility/{self.site}/staff/{staff}/{verb}"
+
 
 def event(device: str, kind: str = "call", event_id: str | None = None) -> dict:
     """A device event as the contract defines it."""

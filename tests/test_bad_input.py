@@ -69,6 +69,22 @@ CASES = {
     "resolve-unknown-staff": Bad(on_resolve, b'{"staff": "mallory"}', "unknown_staff"),
     "ack-without-staff": Bad(on_ack, b'{"id": "m1"}', "missing_field"),
     "ack-not-json": Bad(on_ack, b"ack!", "malformed_json"),
+    # A pager's own topic speaks for its person: the body may not name another.
+    "staff-ack-spoofed": Bad(
+        lambda topics, _: topics.staff("ben", "ack"),
+        b'{"alert": "0123456789abcdef", "staff": "ana"}', "spoofed",
+    ),
+    "staff-ack-without-alert": Bad(
+        lambda topics, _: topics.staff("ben", "ack"), b'{"id": "m2"}', "missing_field",
+    ),
+    "staff-resolve-unknown-alert": Bad(
+        lambda topics, _: topics.staff("ben", "resolve"),
+        b'{"alert": "0123456789abcdef"}', "unknown_alert",
+    ),
+    "staff-answer-spoofed": Bad(
+        lambda topics, _: topics.staff("ben", "answer"),
+        b'{"poll": "mood", "answer": "good", "staff": "ana"}', "spoofed",
+    ),
 }  # fmt: skip
 
 

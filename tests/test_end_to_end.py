@@ -134,6 +134,23 @@ def test_ack_then_resolve_from_a_pager(gateway, mqtt, topics):
     assert resolved["msg_id"] == f"{opened['id']}:3"
 
 
+def test_pager_acks_and_resolves_on_its_own_staff_topic(gateway, mqtt, topics):
+    """The staff id comes from the topic, which the broker ACL ties to the pager."""
+    display = mqtt(topics.alerts)
+    pager = mqtt()
+    pager.publish(topics.events("call-1"), event("call-1"))
+    opened = display.wait_for_json(device="call-1", state="open")
+
+    pager.publish(topics.staff("ben", "ack"), {"alert": opened["id"], "id": "p-1"})
+    acked = display.wait_for_json(id=opened["id"], state="acknowledged")
+    assert acked["acked_by"] == "ben"
+
+    pager.publish(topics.staff("ben", "resolve"), {"alert": opened["id"]})
+    resolved = display.wait_for_json(id=opened["id"], state="resolved")
+    assert resolved["resolved_by"] == "ben"
+    assert resolved["resolved_via"] == "pager"
+
+
 def test_cancel_from_the_same_device_resolves(gateway, mqtt, topics):
     """A cancel at the calling station resolves; one from elsewhere does not."""
     display = mqtt(topics.alerts)
