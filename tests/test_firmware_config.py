@@ -57,8 +57,10 @@ SCORES = set(FeedbackRule.model_fields["negative"].default) | set(
 READINGS = {"soap_level", "towel_level", "paper_level", "sanitizer_level"}
 """Dispenser readings, as named in serial-hub-protocol.md."""
 
-COMMAND_KEYS = {"staff", "id"}
+COMMAND_KEYS = {"alert", "id"}
 STATUS = "facility/${site}/devices/${device_id}/status"
+PAGER_STATUS = "facility/${site}/staff/${staff_id}/status"
+"""A pager's MQTT user is its wearer's staff id: it lives under the staff topic."""
 ROOT_KEY = re.compile(r'root\["(\w+)"\]')
 ROOT_VALUE = re.compile(r'root\["(\w+)"\]\s*=\s*([^;]+);')
 JSON_READ = re.compile(r'x\["(\w+)"\]')
@@ -178,8 +180,10 @@ def test_device_identity_and_mqtt_user(config: dict[str, Any]) -> None:
     assert {"site", "device_id"} <= subs.keys()
     assert config["esphome"]["name"] == "${device_id}"
     mqtt = config["mqtt"]
-    # One MQTT user per device: the broker's ACL keys on it.
-    assert mqtt["username"] == "${device_id}"
+    # One MQTT user per device (per wearer, for a pager): the broker's ACL
+    # keys on it.
+    user = "${staff_id}" if "staff_id" in subs else "${device_id}"
+    assert mqtt["username"] == user
     assert isinstance(mqtt["password"], Secret)
     assert isinstance(mqtt["broker"], Secret)
     assert mqtt["discovery"] is False
@@ -189,8 +193,9 @@ def test_device_identity_and_mqtt_user(config: dict[str, Any]) -> None:
 
 def test_nothing_retained_but_status(config: dict[str, Any]) -> None:
     mqtt = config["mqtt"]
+    status = PAGER_STATUS if "staff_id" in config["substitutions"] else STATUS
     for message in ("birth_message", "will_message", "shutdown_message"):
-        assert mqtt[message]["topic"] == STATUS, message
+        assert mqtt[message]["topic"] == status, message
         assert mqtt[message]["retain"] is True, message
     assert (mqtt["birth_message"]["payload"], mqtt["will_message"]["payload"]) == (
         "online",
@@ -199,7 +204,7 @@ def test_nothing_retained_but_status(config: dict[str, Any]) -> None:
     # ESPHome retains its log topic and every entity's state unless told not to.
     assert "log_topic" in mqtt, "log_topic: null, or ESPHome retains its logs"
     assert mqtt["log_topic"] is None
-    assert mqtt["topic_prefix"].startswith("facility/${site}/devices/${device_id}/")
+    assert mqtt["topic_prefix"].startswith(status.removesuffix("status"))
     for domain in ("binary_sensor", "sensor", "text_sensor", "switch", "button"):
         for entity in config.get(domain, []):
             assert entity.get("internal") is True or entity.get("retain") is False, (
@@ -384,18 +389,15 @@ def test_pager_commands_follow_the_contract() -> None:
     config = by_name("pager.yaml")
     verbs = set()
     for action, _ in publishes(config):
+        # Only its wearer's own staff topic: the broker's ACL allows no other.
         topic = action["topic"]
-        match = re.fullmatch(
-            r'return "facility/\$\{site\}/alerts/" \+ id\(target_alert\) \+ "/(\w+)";',
-            topic.strip(),
-        )
-        assert isinstance(topic, Lambda), topic
+        match = re.fullmatch(r"facility/\$\{site\}/staff/\$\{staff_id\}/(\w+)", topic)
         assert match, topic
         verbs.add(match.group(1))
         assert action["qos"] == 1
         payload = action["payload"]
         assert set(ROOT_KEY.findall(payload)) == COMMAND_KEYS
-        assert assigned(payload, "staff") == {'"${staff_id}"'}
+        assert assigned(payload, "alert") == {"id(target_alert)"}
     assert verbs == {"ack", "resolve"}
 
 
@@ -854,7 +856,10 @@ def pager_harness() -> Harness:
     ):
         publish = step["then"][0]["mqtt.publish_json"]
         h.function(f"static bool {verb}_ok()", step["condition"]["lambda"])
-        h.function(f"static std::string {verb}_topic()", publish["topic"])
+        topic = publish["topic"]
+        if not isinstance(topic, Lambda):
+            topic = f'return "{topic}";'
+        h.function(f"static std::string {verb}_topic()", topic)
         h.function(f"static void {verb}_payload(JsonObject root)", publish["payload"])
     next_alert = resolve["on_click"][0]["then"][0]["lambda"]
     h.function("static void next_alert()", next_alert)
@@ -921,12 +926,12 @@ def test_pager_follows_its_alerts(tmp_path: Path) -> None:
     assert next(out) == "a1 3 1 a1 8"
     assert next(out) == "a1 3 1 a1 8"
     topic, body = next(out).split(" ", 1)
-    assert topic == f"facility/{h.subs['site']}/alerts/a1/ack"
+    assert topic == f"facility/{h.subs['site']}/staff/{staff}/ack"
     assert json.loads(body).keys() == COMMAND_KEYS
-    assert json.loads(body)["staff"] == staff
+    assert json.loads(body)["alert"] == "a1"
     topic, body = next(out).split(" ", 1)
-    assert topic == f"facility/{h.subs['site']}/alerts/a1/resolve"
-    assert json.loads(body)["staff"] == staff
+    assert topic == f"facility/{h.subs['site']}/staff/{staff}/resolve"
+    assert json.loads(body)["alert"] == "a1"
     assert next(out).split()[:3] == ["a2", "2", "0"]
     assert next(out).split()[:2] == ["a2", "2"]
     assert next(out).split()[:3] == ["-", "0", "0"]
