@@ -41,6 +41,14 @@ class Driver(Protocol):
         """State and counters for /healthz: connected, frames, rejects, ..."""
 
 
+class DeviceOwner(Protocol):
+    """A driver that knows which devices it reads; the gateway reports them
+    ``offline`` (to supervision) when the driver cannot start at all."""
+
+    def device_ids(self) -> set[str]:
+        """The site's device ids this driver speaks for."""
+
+
 class AlertAware(Protocol):
     """A driver that shows alert states, e.g. a call station's dome light."""
 

@@ -60,7 +60,7 @@ from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakBluetoothNotAvailableError, BleakDBusError, BleakError
 from pydantic import model_validator
 
-from drivers.base import Emit
+from drivers.base import Emit, make_event
 from drivers.presence import Sighting, eddystone_id, ibeacon_id
 from rules.schema import Duration, StrictModel
 
@@ -121,6 +121,11 @@ RETRY_INITIAL = 2.0
 
 RETRY_MAX = 60.0
 """Longest wait between retries: an adapter plugged back in is used within it."""
+
+HEARTBEAT_EVERY = 30.0
+"""Seconds between the ``heartbeat`` events the scanner sends for its receiver
+while it hears advertisements, so a supervision rule on the receiver sees it
+alive; a silent or unavailable scanner sends ``offline`` at once instead."""
 
 WATCHDOG_POLL = 1.0
 """Seconds between watchdog checks; cheap, and bounds how late a rebuild is."""
@@ -389,6 +394,9 @@ class BLEScanner:
         self._retry_at = 0.0
         self._started_at = 0.0
         self._heard_at: float | None = None
+        self._emit: Emit | None = None
+        self._offline = False
+        self._beat_at: float | None = None
 
         # Counters and telemetry, read by health() from other threads.
         self._lock = threading.Lock()
@@ -408,11 +416,13 @@ class BLEScanner:
     def start(self, emit: Emit) -> None:
         """Scan on a thread of its own.
 
-        ``emit`` is not used: sightings go to the sink, and the presence
-        tracker emits the events.
+        Sightings go to the sink, and the presence tracker emits their
+        events; ``emit`` carries only the receiver's own health: a heartbeat
+        every 30 s while adverts are heard, ``offline`` when they stop.
         """
         if self._thread is not None:
             return
+        self.report_to(emit)
         loop = asyncio.new_event_loop()
         self._loop, self._halt = loop, asyncio.Event()
         self._thread = threading.Thread(
@@ -439,6 +449,10 @@ class BLEScanner:
                 self.settings.adapter,
                 STOP_TIMEOUT,
             )
+
+    def device_ids(self) -> set[str]:
+        """The receiver this adapter is, in the site file."""
+        return {self.settings.receiver}
 
     def health(self) -> Mapping[str, Any]:
         with self._lock:
@@ -508,6 +522,10 @@ class BLEScanner:
 
     def _heard(self) -> None:
         self._heard_at = self._monotonic()
+        if self._offline:
+            self._offline = False
+            self._beat_at = self._heard_at
+            self._report("heartbeat")
         if self._silent:
             self._silent = False
             self._state = "scanning"
@@ -538,6 +556,32 @@ class BLEScanner:
                 await self._open(now)
         elif self._is_silent(now):
             await self._rebuild(now)
+        elif not self._silent and self._heard_at is not None:
+            self._beat(now)
+
+    def report_to(self, emit: Emit) -> None:
+        """Send the receiver's heartbeats and offline reports to ``emit``."""
+        self._emit = emit
+
+    def _beat(self, now: float) -> None:
+        if self._beat_at is None or now - self._beat_at >= HEARTBEAT_EVERY:
+            self._beat_at = now
+            self._report("heartbeat")
+
+    def _went_offline(self, reason: str) -> None:
+        """Tell supervision at once that this receiver hears no badges."""
+        if not self._offline:
+            self._offline = True
+            self._report("offline", reason=reason)
+
+    def _report(self, kind: str, **fields: Any) -> None:
+        emit = self._emit
+        if emit is None:
+            return
+        try:
+            emit(make_event(self.settings.receiver, kind, clock=self._clock, **fields))
+        except Exception:  # noqa: BLE001 - the scanner outlives a closed queue
+            log.exception("BLE scanner on %s could not report %s", self.name, kind)
 
     def _is_silent(self, now: float) -> bool:
         heard = self._started_at if self._heard_at is None else self._heard_at
@@ -551,6 +595,9 @@ class BLEScanner:
                 "No BLE advertisements on %s for %.0f s; rebuilding the scanner",
                 self.settings.adapter,
                 self.settings.silence_timeout,
+            )
+            self._went_offline(
+                f"no BLE advertisements for {self.settings.silence_timeout:.0f} s"
             )
         self._state = "silent"
         with self._lock:
@@ -622,6 +669,7 @@ class BLEScanner:
                 self._last_error,
                 self.settings.retry_max,
             )
+            self._went_offline(f"cannot scan: {self._last_error}")
         else:
             log.debug("BLE scanner start failed again, retry in %.1f s: %s", delay, exc)
 

@@ -609,6 +609,11 @@ class GPIODriver:
 
     # Health ---------------------------------------------------------------
 
+    def device_ids(self) -> set[str]:
+        """Every device on this driver's pins, reported offline if it fails."""
+        specs = [*self._settings.buttons, *self._settings.lights]
+        return {spec.device for spec in specs}
+
     def health(self) -> dict[str, Any]:
         """Pins, presses per device, bounces suppressed, errors."""
         with self._lock:

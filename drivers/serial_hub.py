@@ -649,6 +649,10 @@ class SerialHubDriver:
         if thread.is_alive():
             log.error("Serial hub port %s: reader did not stop", self.settings.port)
 
+    def device_ids(self) -> set[str]:
+        """Every device the hubs on this port speak for."""
+        return self.settings.device_ids()
+
     def health(self) -> dict[str, Any]:
         """Connection state and counters of this port, for /healthz."""
         with self._lock:

@@ -40,7 +40,7 @@ from gateway.mqtt import MQTTLink, Receipt
 from gateway.polls import MOOD, Polls, Result, parse_answer
 from gateway.store import Store, alert_record
 from rules.alerts import Action, Change, Kudos
-from rules.engine import Engine, EngineError, UnknownAlert
+from rules.engine import OFFLINE, Engine, EngineError, UnknownAlert
 from rules.events import Event
 from rules.schema import PRIORITY_RANK, SupervisionRule
 
@@ -55,6 +55,9 @@ MAX_BATCH = 500
 
 MAX_TIMERS = 500
 """Timers fired per batch; 500 escalations take about 20 ms on a 2-core x86."""
+
+DRIVER_RETRY = (5.0, 60.0)
+"""First and longest wait, in seconds, before starting a failed driver again."""
 
 Message = tuple[str, bytes, bool, Receipt]
 Item = Message | Event
@@ -97,6 +100,8 @@ class Gateway:
             tz=ZoneInfo(config.site.timezone),
         )
         self.rejected: Counter[str] = Counter()
+        self.driver_failures: dict[str, str] = {}
+        """Drivers that could not start (name -> why); retried with backoff."""
         self.accepted = 0
         self.started_at = clock()
 
@@ -149,8 +154,7 @@ class Gateway:
         self._restore_presence()
         self.link.start()
         for driver in self.drivers:
-            driver.start(self._from_driver)
-            log.info("Started driver %s", driver.name)
+            self._start_driver(driver)
         # Lights and displays on drivers show the restored alerts at once.
         self._show_on_drivers(
             [Change(a.snapshot(), "restored") for a in self.engine.alerts]
@@ -174,6 +178,45 @@ class Gateway:
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+
+    def _start_driver(self, driver: Driver, attempt: int = 0) -> None:
+        """Start one driver; if it cannot start, report its devices offline
+        and try again later. A pin in use or a missing adapter costs that
+        driver's devices, never the alerts of every other source."""
+        if self._stopping.is_set():
+            return
+        try:
+            driver.start(self._from_driver)
+        except Exception as exc:  # noqa: BLE001 - one source must not stop alerting
+            first, longest = DRIVER_RETRY
+            delay = min(longest, first * 2**attempt)
+            if driver.name not in self.driver_failures:
+                log.error(
+                    "Driver %s could not start (%s); its devices are reported "
+                    "offline, and it is retried every %g s at most",
+                    driver.name,
+                    exc,
+                    longest,
+                )
+                reason = f"driver could not start: {exc}"
+                self._report_devices(driver, OFFLINE, reason=reason)
+            self.driver_failures[driver.name] = str(exc)
+            if self._loop is not None:
+                self._loop.call_later(delay, self._start_driver, driver, attempt + 1)
+            return
+        if self.driver_failures.pop(driver.name, None) is not None:
+            log.info(
+                "Driver %s started after %d failed attempt(s)", driver.name, attempt
+            )
+            # Its devices can be heard again: supervision clears their trouble.
+            self._report_devices(driver, "heartbeat")
+        else:
+            log.info("Started driver %s", driver.name)
+
+    def _report_devices(self, driver: Driver, kind: str, **fields: str) -> None:
+        owned = getattr(driver, "device_ids", None)
+        for device in sorted(owned() if owned is not None else ()):
+            self._enqueue(make_event(device, kind, clock=self.clock, **fields))
 
     def _restore_presence(self) -> None:
         """Tell the tracker who the engine believes is where, after a restart."""

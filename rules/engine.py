@@ -546,14 +546,16 @@ class Engine:
         for device, rules in self._watchers.items():
             for rule in rules:
                 self._last_heard[(rule.name, device)] = now
-                self._timers.set(("silent", rule.name, device), now + rule.heartbeat)
+                if rule.heartbeat is not None:
+                    key = ("silent", rule.name, device)
+                    self._timers.set(key, now + rule.heartbeat)
 
     def _heard(self, rule: SupervisionRule, device: Device, now: float) -> list[Action]:
         # Only remember the time: the pending timer checks it when it fires
         # and re-arms itself, instead of a heap push per message.
         self._last_heard[(rule.name, device.id)] = now
         key = ("silent", rule.name, device.id)
-        if key not in self._timers:
+        if rule.heartbeat is not None and key not in self._timers:
             self._timers.set(key, now + rule.heartbeat)
         if (rule.name, device.id) not in self._silent:
             return []
@@ -586,6 +588,7 @@ class Engine:
         self._silent.add((rule.name, device_id))
         event_id = f"silent:{device_id}:{due:.3f}"
         if detail is None:
+            assert rule.heartbeat is not None  # only heartbeat timers get here
             detail = {"silent_for": round(now - due + rule.heartbeat, 3)}
         return self._device_condition(rule, device_id, event_id, now, detail)
 
@@ -885,6 +888,8 @@ class Engine:
         if kind == "silent":
             assert isinstance(rule, SupervisionRule)
             heard = self._last_heard.get((rule.name, key[2]))
+            if rule.heartbeat is None:
+                return []  # a timer left from a site file that had a heartbeat
             if heard is not None and heard + rule.heartbeat > now:
                 self._timers.set(key, heard + rule.heartbeat)
                 return []

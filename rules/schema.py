@@ -304,8 +304,10 @@ class SupervisionRule(RuleBase):
     """A device silent for longer than its heartbeat raises a trouble alert."""
 
     kind: Literal["supervision"]
-    heartbeat: Duration = Field(gt=0)
-    """Longest silence allowed, heartbeat messages included."""
+    heartbeat: Duration | None = Field(None, gt=0)
+    """Longest silence allowed, heartbeat messages included. Leave it out for
+    devices that are silent by nature, such as a call button on a GPIO pin:
+    then only an ``offline`` report from their driver raises trouble."""
 
 
 class CompositeRule(RuleBase):

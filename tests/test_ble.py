@@ -40,6 +40,7 @@ from drivers.ble import (
     read_beacons,
 )
 from drivers.presence import Sighting
+from rules.events import Event
 
 # -- recorded frames ---------------------------------------------------------------
 # Manufacturer data as bleak hands it over: keyed by company id, which the
@@ -376,6 +377,57 @@ def test_a_silent_scanner_is_rebuilt_and_logged_once(caplog: pytest.LogCaptureFi
     ]
     health = scanner.health()
     assert (health["state"], health["restarts"], len(sightings)) == ("scanning", 2, 2)
+
+
+def test_the_receiver_reports_its_own_health_for_supervision():
+    """Heartbeats while adverts come, ``offline`` once when they stop, and a
+    heartbeat again with the first advert after the rebuild."""
+    factory, clock = Factory(), Clock(0.0)
+    scanner, _ = scanner_with(factory, clock)
+    reports: list[Event] = []
+    scanner.report_to(reports.append)
+
+    async def scenario() -> None:
+        await scanner.check()
+        for second in range(1, 62):
+            clock.now = float(second)
+            factory.running[0].callback(device(), advert(-60, {APPLE: KONTAKT_IBEACON}))
+            await scanner.check()
+        clock.now = 121.0
+        await scanner.check()  # 60 s without adverts: silent
+        clock.now = 181.0
+        await scanner.check()  # still silent, rebuilt again: no second report
+        clock.now = 182.0
+        factory.running[0].callback(device(), advert(-60, {APPLE: KONTAKT_IBEACON}))
+
+    asyncio.run(scenario())
+    kinds = [(event.type, event.ts) for event in reports]
+    assert kinds == [
+        ("heartbeat", 1.0),
+        ("heartbeat", 31.0),
+        ("heartbeat", 61.0),
+        ("offline", 121.0),
+        ("heartbeat", 182.0),
+    ]
+    assert {event.device for event in reports} == {"gw-ble"}
+    assert reports[3].fields == {"reason": "no BLE advertisements for 60 s"}
+
+
+def test_an_adapter_that_cannot_scan_is_reported_offline_once():
+    factory, clock = Factory(), Clock(0.0)
+    factory.errors = [FileNotFoundError(2, "No such file or directory")] * 3
+    scanner, _ = scanner_with(factory, clock)
+    reports: list[Event] = []
+    scanner.report_to(reports.append)
+
+    async def scenario() -> None:
+        while clock.now <= 20:
+            await scanner.check()
+            clock.now += 1.0
+
+    asyncio.run(scenario())
+    assert [event.type for event in reports] == ["offline"]
+    assert reports[0].fields["reason"].startswith("cannot scan: no D-Bus system bus")
 
 
 def test_silence_is_no_fault_while_no_badges_are_expected():
