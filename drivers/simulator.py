@@ -65,6 +65,25 @@ class SimulatorSettings(StrictModel):
     seed: int | None = None
     """Fix it to replay the same day; leave it out for a new day each run."""
 
+    calls_per_hour: float | None = Field(None, gt=0)
+    """Patient calls across the whole site in an average hour; left out, the
+    demo's busy pace (one every few seconds) so that something always happens."""
+
+    visits_per_hour: float | None = Field(None, gt=0)
+    """Restroom visits across the whole site in an average hour; left out,
+    the demo's pace."""
+
+    def behaviour(self, **overrides: Any) -> Behaviour:
+        """The people's behaviour these settings ask for."""
+        paces: dict[str, Any] = {}
+        if self.calls_per_hour is not None:
+            mean = 3600 / self.calls_per_hour
+            paces["call_every"] = (0.5 * mean, 1.5 * mean)
+        if self.visits_per_hour is not None:
+            mean = 3600 / self.visits_per_hour
+            paces["visit_every"] = (0.5 * mean, 1.5 * mean)
+        return Behaviour(**paces, **overrides)
+
 
 @dataclass(frozen=True)
 class Device:
@@ -234,8 +253,9 @@ class SimulatedFacility:
             door = self._rng.choice(doors)
             self._send(door, "visit")
             self._use_towels(door.room)
-            if terminals and self._rng.random() < self._behaviour.feedback_share:
-                terminal = self._rng.choice(terminals)
+            here = [t for t in terminals if t.room == door.room] or terminals
+            if here and self._rng.random() < self._behaviour.feedback_share:
+                terminal = self._rng.choice(here)
                 # One guest at a time: presses closer than a few seconds are
                 # what the feedback rule throws away as misuse.
                 if time.monotonic() - self._last_press.get(terminal.id, 0.0) > 4.0:
@@ -338,14 +358,16 @@ class SimulatedFacility:
         if alert in self._resolved:
             return  # someone else's visit closed it meanwhile
         self._outlet.command(alert, "ack", cleaner)
-        place = self._restroom_room()
+        # The gap's own restroom; a zone-wide gap sends them to the first one.
+        place = note.get("room") or self._restroom_room()
         if cleaner.badge is None or place is None:
             await self._wait(self._rng.uniform(5.0, 10.0))
             self._outlet.command(alert, "resolve", cleaner)
             return
         for dispenser in self._of_kind("dispenser"):
-            self._towels[dispenser.id] = 100.0
-            self._report_towels(dispenser)
+            if dispenser.room == place:
+                self._towels[dispenser.id] = 100.0
+                self._report_towels(dispenser)
         await self._visit(cleaner, place, self._rng.uniform(10.0, 16.0))
         # The visit resets a count by itself; other gaps need a tap.
         if alert not in self._resolved:

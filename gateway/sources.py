@@ -16,7 +16,7 @@ from drivers.ble import BLEScanner
 from drivers.gpio import GPIODriver
 from drivers.presence import PresenceTracker
 from drivers.serial_hub import SerialHubDriver
-from drivers.simulator import Behaviour, Device, Person, SimulatorDriver
+from drivers.simulator import Device, Person, SimulatorDriver
 from gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def simulator(config: GatewayConfig) -> SimulatorDriver:
         config.site.id,
         devices=[Device(d.id, d.kind, d.room) for d in config.devices],
         staff=[Person(s.id, s.name, s.roles, s.badge) for s in config.staff],
-        behaviour=Behaviour(visit_at_least=dwell + 1.0),
+        behaviour=settings.behaviour(visit_at_least=dwell + 1.0),
         seed=settings.seed,
         speed=settings.speed,
         answerers=answerers,
