@@ -411,11 +411,12 @@ def load_config(
     except OSError as exc:
         raise ConfigError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from exc
 
-    data, lines = _parse_yaml(path, text)
+    data = _parse_yaml(path, text)
     applied = _apply_env(data, environ)
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
+        lines = _yaml_lines(text)
         names = _rule_names(data)
         problems = [
             _describe(path, error, lines, applied, names) for error in exc.errors()
@@ -424,6 +425,7 @@ def load_config(
 
     broken = config.problems()
     if broken:
+        lines = _yaml_lines(text)
         problems = [
             f"{path}:{_line_of(loc, lines)}: "
             f"{_field_name(loc, _rule_names(data))}: {message}"
@@ -436,24 +438,33 @@ def load_config(
 # -- YAML with line numbers ------------------------------------------------------
 
 
-def _parse_yaml(path: Path, text: str) -> tuple[dict[str, Any], dict[Loc, int]]:
-    """Load YAML and remember the line of every key and list item."""
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's loader where PyYAML was built with it: a site of 10,000 devices
+loads in a fraction of a second instead of 15 s with the pure-Python one."""
+
+
+def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
+    """Load the YAML document, or say where it is not YAML."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(str(path), [f"{where}: not valid YAML: {problem}"]) from None
 
-    if node is None or not isinstance(node, yaml.MappingNode):
+    if not isinstance(data, dict):
         raise ConfigError(
             str(path), [f"{path}:1: expected a mapping with 'site', 'gateway', ..."]
         )
+    return data
+
+
+def _yaml_lines(text: str) -> dict[Loc, int]:
+    """The line of every key and list item; parsed again only to explain errors."""
     lines: dict[Loc, int] = {}
-    _record_lines(node, (), lines)
-    data = yaml.safe_load(text)
-    return data, lines
+    _record_lines(yaml.compose(text, Loader=_LOADER), (), lines)
+    return lines
 
 
 def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:

@@ -145,7 +145,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr == (
         f"{path}:{line_of(GOOD, 'name: Ward 9')}: not valid YAML: "
-        "mapping values are not allowed here\n"
+        "mapping values are not allowed in this context\n"  # libyaml's wording
     )
 
 
