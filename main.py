@@ -1,9 +1,10 @@
-"""Command line of the facility gateway: run, demo, check-config."""
+"""Command line of the facility gateway: run, demo, check-config, backup, restore."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from gateway.config import ConfigError, load_config
 from gateway.logs import setup_logging
 
 EXIT_BAD_CONFIG = 2
+EXIT_FAILED = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from gateway.backup import BackupError, hold_database
     from gateway.runner import run_gateway
     from gateway.service import Gateway
     from gateway.sources import build_drivers
@@ -27,7 +30,65 @@ def _run(args: argparse.Namespace) -> int:
     config = _load_or_explain(args.config)
     if config is None:
         return EXIT_BAD_CONFIG
-    asyncio.run(run_gateway(Gateway(config, drivers=build_drivers(config))))
+    # Killed by systemd's watchdog (SIGABRT) or crashing, it writes the stack
+    # of every thread to stderr, the journal: where it hung, not just that.
+    faulthandler.enable()
+    # One gateway per database, and no restore underneath a running one.
+    try:
+        with hold_database(config.database.path, f"the gateway of {args.config}"):
+            gateway = Gateway(config, drivers=build_drivers(config))
+            asyncio.run(run_gateway(gateway))
+    except BackupError as exc:
+        print(f"Not started: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from gateway.backup import BackupError, backup
+
+    config = _load_or_explain(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    database = args.database or config.database.path
+    try:
+        done = backup(database, args.config, args.file)
+    except (BackupError, OSError) as exc:
+        print(f"Backup failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    alerts = done.manifest["alerts"]
+    print(
+        f"{done.path}: database {database} ({done.manifest['database']['bytes']} "
+        f"bytes, {alerts['unresolved']} unresolved of {alerts['total']} alerts, "
+        f"integrity ok) and site file {args.config}"
+    )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from gateway.backup import BackupError, read_site, restore
+    from gateway.config import load_config
+
+    try:
+        database = args.database
+        if database is None:
+            # Where the restored site file (and any GATEWAY_ override) puts it.
+            with tempfile.TemporaryDirectory() as folder:
+                site = Path(folder) / "site.yaml"
+                site.write_bytes(read_site(args.file))
+                database = load_config(site).database.path
+        done = restore(args.file, database, args.config)
+    except ConfigError as exc:
+        print(f"Restore failed: the site file in {args.file}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (BackupError, OSError) as exc:
+        print(f"Restore failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"Restored {done.database} and {done.site_file} from {args.file}")
+    for path in done.kept:
+        print(f"  kept the previous file as {path}")
     return 0
 
 
@@ -119,6 +180,32 @@ def _parser() -> argparse.ArgumentParser:
         help="print the JSON Schema of site files (rules included) for editors",
     )
     schema.set_defaults(command=_schema)
+
+    backup = commands.add_parser(
+        "backup",
+        help="copy the database (safely, while the gateway runs) and the site "
+        "file into one .tar.gz",
+    )
+    backup.add_argument("file", help="the archive to write, e.g. gateway.tar.gz")
+    backup.add_argument("--config", required=True, help="the site's YAML file")
+    backup.add_argument(
+        "--database", help="the database (default: database.path of the site)"
+    )
+    backup.set_defaults(command=_backup)
+
+    restore = commands.add_parser(
+        "restore",
+        help="put a backup's database and site file back (the gateway must be "
+        "stopped); the files replaced are kept beside them",
+    )
+    restore.add_argument("file", help="the archive written by 'backup'")
+    restore.add_argument("--config", required=True, help="where the site file goes")
+    restore.add_argument(
+        "--database",
+        help="where the database goes (default: database.path of the restored "
+        "site file)",
+    )
+    restore.set_defaults(command=_restore)
     return parser
 
 

@@ -89,6 +89,13 @@ case "${1:-}" in
         need_command mosquitto mosquitto
         need_command mosquitto_passwd mosquitto
         need_command g++ g++
+        # tests/test_systemd.py runs `systemd-analyze verify` and `security`
+        # on the unit; Debian ships them in the systemd package.
+        need_command systemd-analyze systemd
+        # tests/test_browser.py drives Debian's Chromium with Playwright (never
+        # Playwright's own browser downloads); DejaVu gives it a font to draw.
+        need_command chromium chromium
+        apt_install fonts-dejavu-core
         setup_python "[test]"
         setup_esphome
         say "Lint (ruff)"

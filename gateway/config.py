@@ -114,6 +114,51 @@ class WebSettings(StrictModel):
     port: int = Field(8080, ge=0, le=65535)
     """0 picks a free port, useful for tests."""
 
+    admin_user: str = Field("technician", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+    """The technician account created on the first run."""
+
+    admin_password_hash: SecretStr | None = None
+    """An Argon2 hash placed by the installer (``$argon2id$...``); used only
+    while no technician account exists. Without it (or the file below) the
+    first visitor must set the password on ``/setup`` with the code in the log."""
+
+    admin_password_hash_file: Path | None = None
+    """The same hash in a file readable only by the gateway's user."""
+
+    secure_cookies: bool = False
+    """Mark cookies ``Secure`` even when the request looks like plain HTTP
+    (behind a TLS proxy that does not send X-Forwarded-Proto)."""
+
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+    """How long a technician's or supervisor's sign-in lasts."""
+
+    pager_session_days: float = Field(14.0, gt=0, le=365)
+    """How long a staff member stays signed in on the pager page."""
+
+    @field_validator("admin_password_hash")
+    @classmethod
+    def _argon2_hash(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith("$argon2"):
+            raise ValueError(
+                "expected an Argon2 hash starting with '$argon2'; make one with "
+                "'python -m gateway.web.passwords'"
+            )
+        return value
+
+    def installer_hash(self) -> str | None:
+        """The technician's hash placed by the installer, if any."""
+        if self.admin_password_hash is not None:
+            return self.admin_password_hash.get_secret_value()
+        if self.admin_password_hash_file is not None:
+            text = self.admin_password_hash_file.read_text().strip()
+            if not text.startswith("$argon2"):
+                raise ValueError(
+                    f"{self.admin_password_hash_file} holds no Argon2 hash "
+                    "(expected text starting with '$argon2')"
+                )
+            return text
+        return None
+
 
 class GatewayConfig(StrictModel):
     """Everything one gateway needs to run one site."""

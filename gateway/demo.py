@@ -33,6 +33,7 @@ from gateway.runner import run_gateway
 from gateway.service import Gateway
 from gateway.sources import build_drivers
 from gateway.upstream import WebhookSettings
+from gateway.web.passwords import hash_now
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,16 @@ def run_demo(
             sim_user, sim_password = "sim", broker.passwords["sim"]
 
         config = _with_free_web_port(config)
+        config, password = _with_technician_password(config)
         board = None
         if config.upstream is None:
             # Credit goes somewhere a newcomer can watch: a local board.
             board, config = _with_credit_board(config, Path(folder))
             board.start()
         try:
-            asyncio.run(_demo(config, sim_user, sim_password, duration, speed))
+            asyncio.run(
+                _demo(config, sim_user, sim_password, duration, speed, password)
+            )
         finally:
             if board is not None:
                 board.stop()
@@ -109,9 +113,10 @@ async def _demo(
     sim_password: str | None,
     duration: float | None,
     speed: float,
+    password: str,
 ) -> None:
     with Workbench(config) as bench:
-        await _run_facility(bench, sim_user, sim_password, duration, speed)
+        await _run_facility(bench, sim_user, sim_password, duration, speed, password)
 
 
 async def _run_facility(
@@ -120,6 +125,7 @@ async def _run_facility(
     sim_password: str | None,
     duration: float | None,
     speed: float,
+    password: str,
 ) -> None:
     config = bench.config
     gateway = Gateway(config, drivers=build_drivers(config, bench.pins))
@@ -149,6 +155,14 @@ async def _run_facility(
         len(config.staff),
         config.web.host,
         config.web.port,
+    )
+    log.warning(
+        "Sign in at http://%s:%d/signin as %r with the password %s "
+        "(made for this run only)",
+        config.web.host,
+        config.web.port,
+        config.web.admin_user,
+        password,
     )
     companions = [facility.run()]
     if duration is not None:
@@ -254,6 +268,18 @@ def _with_broker(config: GatewayConfig, broker: PrivateBroker) -> GatewayConfig:
         }
     )
     return config.model_copy(update={"mqtt": mqtt})
+
+
+def _with_technician_password(config: GatewayConfig) -> tuple[GatewayConfig, str]:
+    """A random technician password for this run: never a fixed default.
+
+    It takes effect only in a database without a technician, which the demo's
+    fresh database is (unless GATEWAY_DATABASE__PATH points elsewhere)."""
+    password = secrets.token_urlsafe(12)
+    web = config.web.model_copy(
+        update={"admin_password_hash": SecretStr(hash_now(password))}
+    )
+    return config.model_copy(update={"web": web}), password
 
 
 def _with_free_web_port(config: GatewayConfig) -> GatewayConfig:

@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway import web
 from gateway.service import Gateway
+from gateway.systemd import Notifier, Supervisor, watchdog_interval
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,25 @@ async def run_gateway(gateway: Gateway, *companions: Coroutine[Any, Any, None]) 
     if settings.enabled:
         site = web.WebServer(gateway, settings.host, settings.port)
         page = asyncio.create_task(site.serve(), name="web")
+    # Tells systemd when all of the above is up, and feeds its watchdog only
+    # while the gateway is healthy; measures the loop's lag either way.
+    notifier = Notifier.from_environ()
+    supervisor = Supervisor(
+        gateway, site, page, notifier=notifier, watchdog=watchdog_interval()
+    )
+    watcher = asyncio.create_task(supervisor.run(), name="supervisor")
 
     stopper = asyncio.create_task(stop.wait(), name="stop")
     done, _ = await asyncio.wait(
-        [core, stopper, *others], return_when=asyncio.FIRST_COMPLETED
+        [core, stopper, watcher, *others], return_when=asyncio.FIRST_COMPLETED
     )
     if stopper in done:
         log.info("Stopping on signal")
+    supervisor.stopping()
+    if not watcher.done():
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
 
     # Companions first, so nothing publishes into a closing gateway; then the
     # web server, which finishes its requests; then the gateway itself.
@@ -57,6 +70,7 @@ async def run_gateway(gateway: Gateway, *companions: Coroutine[Any, Any, None]) 
     gateway.stop()
     await core
     stopper.cancel()
+    notifier.close()
 
     failed = [
         task

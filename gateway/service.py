@@ -18,7 +18,8 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from drivers.base import Driver, make_event
@@ -36,6 +37,7 @@ from gateway.contract import (
     parse_silence,
     parse_staff_command,
 )
+from gateway.metrics import GatewayMetrics
 from gateway.mqtt import MQTTLink, Receipt
 from gateway.polls import MOOD, Polls, Result, parse_answer
 from gateway.store import Store, alert_record
@@ -60,8 +62,54 @@ DRIVER_RETRY = (5.0, 60.0)
 """First and longest wait, in seconds, before starting a failed driver again."""
 
 Message = tuple[str, bytes, bool, Receipt]
-Item = Message | Event
-"""What the loop processes: a broker message, or an event a driver read."""
+Watcher = Callable[[list[Change]], None]
+"""Told of every batch of alert changes right after it is committed."""
+
+
+class AlreadyResolved(EngineError):
+    """A web action on an alert that someone closed a moment before."""
+
+    reason = "alert_resolved"
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.alert_id = row["id"]
+        by = f" by {row['resolved_by']}" if row.get("resolved_by") else ""
+        super().__init__(
+            f"alert {row['id']} is already resolved{by} "
+            f"(via {row.get('resolved_via') or 'unknown'})"
+        )
+
+
+@dataclass
+class Command:
+    """An action from the web page, carried out on the loop like a message.
+
+    ``done`` is set only after the batch holding it is committed, so the page
+    never shows a change that a power cut could take back.
+    """
+
+    action: str
+    alert_id: str | None
+    staff: str | None
+    via: str
+    options: dict[str, Any]
+    done: asyncio.Future[dict[str, Any]]
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(self.result)
+
+
+COMMANDS = ("ack", "resolve", "silence", "unsilence")
+
+Item = Message | Event | Command
+"""What the loop processes: a broker message, an event a driver read, or a
+web page's command."""
 
 
 class Gateway:
@@ -104,6 +152,8 @@ class Gateway:
         """Drivers that could not start (name -> why); retried with backoff."""
         self.accepted = 0
         self.started_at = clock()
+        # Response times, commit durations, loop lag: for /metrics.
+        self.metrics = GatewayMetrics()
 
         self._inbox: list[Item] = []
         self._wake = asyncio.Event()
@@ -114,6 +164,7 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._shown_silences: set[str] = set()
+        self._watchers: list[Watcher] = []
 
         self.native = NativeDevices(config.mqtt_devices)
         self._supervision = {
@@ -218,6 +269,37 @@ class Gateway:
         for device in sorted(owned() if owned is not None else ()):
             self._enqueue(make_event(device, kind, clock=self.clock, **fields))
 
+    # -- the web page's door -------------------------------------------------------
+
+    async def command(
+        self,
+        action: str,
+        alert_id: str | None = None,
+        *,
+        staff: str | None = None,
+        via: str = "web",
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Acknowledge, resolve, silence or unsilence, and wait for the commit.
+
+        The action joins the loop's queue like a pager's message, so the
+        engine changes only on the loop and the result is committed before
+        it is published or returned. Refusals raise the engine's error
+        (:class:`UnknownAlert`, :class:`StationOnly`, :class:`AlreadyResolved`).
+        """
+        if action not in COMMANDS:
+            raise ValueError(f"unknown command {action!r}; expected one of {COMMANDS}")
+        if self._loop is None or self._stopping.is_set():
+            raise RuntimeError("the gateway is not running; try again in a moment")
+        done: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._enqueue(Command(action, alert_id, staff, via, dict(options), done))
+        return await done
+
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call ``watcher`` with every committed batch of changes; returns an undo."""
+        self._watchers.append(watcher)
+        return lambda: self._watchers.remove(watcher)
+
     def _restore_presence(self) -> None:
         """Tell the tracker who the engine believes is where, after a restart."""
         if self._tracker is None:
@@ -317,7 +399,13 @@ class Gateway:
             while self._inbox:
                 batch = self._inbox[:MAX_BATCH]
                 del self._inbox[:MAX_BATCH]
-                self._process(batch)
+                try:
+                    self._process(batch)
+                except BaseException as exc:
+                    for item in batch:
+                        if isinstance(item, Command):
+                            item.fail(RuntimeError(f"the gateway failed: {exc}"))
+                    raise
                 # Let paho's callbacks and the web server run between batches.
                 await asyncio.sleep(0)
             self._process([])
@@ -340,17 +428,22 @@ class Gateway:
         changes.extend(self.engine.advance(limit=MAX_TIMERS))
         self._commit_and_publish(events, changes)
         self._run_polls()
+        for item in batch:
+            if isinstance(item, Command):
+                item.finish()
 
         # Only now may the broker forget these messages. If the commit above
         # raised, the process stops unacknowledged, and after the restart the
         # broker redelivers the batch to an engine rebuilt from the database.
         for item in batch:
-            if not isinstance(item, Event):
+            if isinstance(item, tuple):
                 self.link.ack(item[3])
 
     def _take(self, item: Item, events: list[Event]) -> list[Action]:
         if isinstance(item, Event):
             return self._accept(item, events)
+        if isinstance(item, Command):
+            return self._command(item)
         topic, payload, retain, _ = item
         return self._handle(topic, payload, retain, events)
 
@@ -393,6 +486,51 @@ class Gateway:
         if kind == "ack":
             return self.engine.acknowledge(key, staff, via="pager")
         return self.engine.resolve(key, staff, via="pager")
+
+    def _command(self, command: Command) -> list[Action]:
+        """Carry out a web command; its refusal goes back to the page, uncounted."""
+        try:
+            actions = self._carry_out(command)
+        except EngineError as exc:
+            if isinstance(exc, UnknownAlert) and command.alert_id:
+                row = self.store.alert(command.alert_id)
+                if row is not None:
+                    exc = AlreadyResolved(row)
+            log.info("Web %s of %s refused: %s", command.action, command.alert_id, exc)
+            command.fail(exc)
+            return []
+        command.result["alerts"] = [
+            alert_record(a.alert) for a in actions if isinstance(a, Change)
+        ]
+        return actions
+
+    def _carry_out(self, command: Command) -> list[Action]:
+        key, staff, options = command.alert_id or "", command.staff, command.options
+        if command.action == "ack":
+            if staff is None:
+                raise EngineError("acknowledging needs a staff id from the site file")
+            return list(self.engine.acknowledge(key, staff, via=command.via))
+        if command.action == "resolve":
+            return self.engine.resolve(key, staff, via=command.via)
+        if command.action == "unsilence":
+            return list(self.engine.unsilence(key))
+        silence_id, changes = self.engine.silence(
+            until=options["until"],
+            reason=options["reason"],
+            by=options["by"],
+            device=options.get("device"),
+            zone=options.get("zone"),
+        )
+        command.result["silence"] = silence_id
+        log.warning(
+            "Pages for %s held until %s by %s from the web page: %s (silence %s)",
+            options.get("device") or options.get("zone"),
+            time.strftime("%H:%M", time.localtime(options["until"])),
+            options["by"],
+            options["reason"],
+            silence_id,
+        )
+        return list(changes)
 
     def _accept(self, event: Event, events: list[Event]) -> list[Action]:
         """Run a new event through the engine; drop one seen before."""
@@ -502,7 +640,11 @@ class Gateway:
         }
 
         # Commit first: nobody may see a transition a power cut could undo.
+        commits, started = self.store.commits, time.perf_counter()
         self.store.record(events, changes, self.engine.take_dirty(), kudos, credits)
+        if self.store.commits != commits:
+            self.metrics.commit.observe(time.perf_counter() - started)
+            self.metrics.observe_changes(changes)
         if credits:
             self.sender.wake()
 
@@ -515,7 +657,16 @@ class Gateway:
             _log_transition(change)
         if changes:
             self._show_on_drivers(changes)
+            self._tell_watchers(changes)
         self._publish_silences()
+
+    def _tell_watchers(self, changes: list[Change]) -> None:
+        """Live web pages hear of changes after the commit, like the broker."""
+        for watcher in list(self._watchers):
+            try:
+                watcher(changes)
+            except Exception:  # noqa: BLE001 - a web page must not stop alerting
+                log.exception("A live page could not take %d change(s)", len(changes))
 
     def _publish(self, change: Change) -> None:
         alert = change.alert

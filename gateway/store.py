@@ -153,6 +153,46 @@ def m005_polls(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m006_web_accounts(db: sqlite_utils.Database) -> None:
+    # Web sign-in. Passwords and PINs are Argon2 hashes; sessions and display
+    # tokens are kept as SHA-256 of the random value the browser holds, so a
+    # copy of this file lets nobody sign in.
+    db["web_users"].create(
+        {
+            "name": str, "role": str, "password_hash": str, "staff": str,
+            "created_at": float, "updated_at": float,
+        },
+        pk="name",
+        not_null={"role", "password_hash", "created_at", "updated_at"},
+    )  # fmt: skip
+    db["web_sessions"].create(
+        {
+            "token_hash": str, "kind": str, "subject": str, "csrf": str,
+            "created_at": float, "expires_at": float,
+        },
+        pk="token_hash",
+        not_null={"kind", "subject", "csrf", "created_at", "expires_at"},
+    )  # fmt: skip
+    db["web_sessions"].create_index(["expires_at"], index_name="web_sessions_expiry")
+    db["display_tokens"].create(
+        {
+            "id": str, "token_hash": str, "label": str, "created_by": str,
+            "created_at": float, "revoked_at": float,
+        },
+        pk="id",
+        not_null={"token_hash", "label", "created_by", "created_at"},
+    )  # fmt: skip
+    db["display_tokens"].create_index(["token_hash"], unique=True)
+    db["staff_pins"].create(
+        {"staff": str, "pin_hash": str, "set_by": str, "set_at": float},
+        pk="staff",
+        not_null={"pin_hash", "set_by", "set_at"},
+    )
+    # The key that signs session cookies, made once per database.
+    db["web_secrets"].create({"name": str, "value": str}, pk="name")
+
+
 _UPSERT_ALERT = (
     f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) "  # noqa: S608
     f"VALUES ({', '.join('?' for _ in ALERT_COLUMNS)}) "
