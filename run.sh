@@ -89,6 +89,11 @@ case "${1:-}" in
         need_command mosquitto mosquitto
         need_command mosquitto_passwd mosquitto
         need_command g++ g++
+        # The shipped broker's TLS listener gets a throwaway certificate
+        # (tests/test_broker_acl.py); shellcheck lints this script and the
+        # installer (below, and in tests/test_install.py).
+        need_command openssl openssl
+        need_command shellcheck shellcheck
         # tests/test_systemd.py runs `systemd-analyze verify` and `security`
         # on the unit; Debian ships them in the systemd package.
         need_command systemd-analyze systemd
@@ -101,6 +106,8 @@ case "${1:-}" in
         say "Lint (ruff)"
         "$VENV/bin/ruff" check .
         "$VENV/bin/ruff" format --check .
+        say "Lint (shellcheck)"
+        shellcheck run.sh install/*.sh
         say "Tests (pytest)"
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

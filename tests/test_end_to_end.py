@@ -78,6 +78,10 @@ def test_late_joining_display_sees_every_unresolved_alert(gateway, mqtt, topics)
     device.publish(topics.events("call-3"), event("call-3", "cancel"))
     acked = display.wait_for_json(id=alerts[2]["id"], state="acknowledged")
     display.wait_for_json(id=alerts[3]["id"], state="resolved")
+    # The resolved state is followed by the clear of its retained message;
+    # a display subscribing between the two would see the resolved state once.
+    cleared = topics.alert(alerts[3]["id"])
+    display.wait_for(lambda m: m.topic == cleared and not m.payload)
 
     late = mqtt(topics.alerts)
     # Marker: a new call published after the late subscription; retained
