@@ -26,8 +26,10 @@ from typing import Any
 import pytest
 import yaml
 
+from drivers.mqtt_device import parse_event
 from drivers.presence import canonical_badge_id, eddystone_id, ibeacon_id
 from gateway.contract import pager_payload
+from gateway.polls import Poll, Question, parse_answer
 from rules.alerts import AlertState, Notification
 from rules.lifecycle import PAGING
 from rules.schema import FeedbackRule
@@ -35,6 +37,7 @@ from rules.schema import FeedbackRule
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware-config"
 ESPHOME = FIRMWARE / "esphome"
+INCLUDE = ESPHOME / "include"
 CONFIGS = sorted(p for p in ESPHOME.glob("*.yaml") if p.name != "secrets.yaml")
 NAMES = [p.name for p in CONFIGS]
 
@@ -58,6 +61,8 @@ READINGS = {"soap_level", "towel_level", "paper_level", "sanitizer_level"}
 """Dispenser readings, as named in serial-hub-protocol.md."""
 
 COMMAND_KEYS = {"alert", "id"}
+ANSWER_KEYS = {"poll", "answer", "id"}
+"""A pager's answer to a mood poll (README, "MQTT contract")."""
 STATUS = "facility/${site}/devices/${device_id}/status"
 PAGER_STATUS = "facility/${site}/staff/${staff_id}/status"
 """A pager's MQTT user is its wearer's staff id: it lives under the staff topic."""
@@ -65,6 +70,12 @@ ROOT_KEY = re.compile(r'root\["(\w+)"\]')
 ROOT_VALUE = re.compile(r'root\["(\w+)"\]\s*=\s*([^;]+);')
 JSON_READ = re.compile(r'x\["(\w+)"\]')
 SUBSTITUTION = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+LAMBDA_PUBLISH = re.compile(
+    r'publish_json\(\s*"([^"]+)",\s*\[[^\]]*\]\(JsonObject root\)\s*\{'
+)
+LAMBDA_PUBLISH_END = re.compile(r"\s*,\s*(\d)\s*,\s*(true|false)\s*\)")
+PRESS_FIELD = re.compile(r"press\.(\w+)\s*=\s*([^;]+);")
+"""A queued press's field set in a lambda: ``press.type = "feedback";``."""
 
 
 # -- reading ESPHome YAML --------------------------------------------------------
@@ -125,13 +136,57 @@ def mappings(config: dict[str, Any]) -> Iterator[tuple[dict, str | None]]:
 
 
 def publishes(config: dict[str, Any]) -> list[tuple[dict, str | None]]:
-    """(mqtt.publish or mqtt.publish_json settings, enclosing script id)."""
+    """(mqtt.publish or mqtt.publish_json settings, enclosing script id).
+
+    A ``publish_json`` call in a lambda (the press queue's) is read into the
+    same settings: topic, qos, retain and the payload's body.
+    """
     found = []
     for node, script in mappings(config):
         for action in ("mqtt.publish", "mqtt.publish_json"):
             if action in node:
                 found.append((node[action], script))
+        for value in node.values():
+            if isinstance(value, str):
+                found += [(call, script) for call in lambda_publishes(value)]
     return found
+
+
+def lambda_publishes(source: str) -> list[dict[str, Any]]:
+    calls = []
+    for match in LAMBDA_PUBLISH.finditer(source):
+        depth, end = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(source[end], 0)
+            end += 1
+        tail = LAMBDA_PUBLISH_END.match(source, end)
+        assert tail, f"cannot read the qos and retain of {match.group(0)}"
+        calls.append(
+            {
+                "topic": match.group(1),
+                "qos": int(tail.group(1)),
+                "retain": tail.group(2) == "true",
+                "payload": source[match.end() : end - 1],
+            }
+        )
+    return calls
+
+
+def press_values(config: dict[str, Any], field: str) -> set[str]:
+    """Every value a queued press's ``field`` gets, through script arguments."""
+    values = set()
+    for node, script in mappings(config):
+        for source in (v for v in node.values() if isinstance(v, str)):
+            for name, value in PRESS_FIELD.findall(source):
+                if name != field:
+                    continue
+                value = value.strip()
+                if literal(value) is not None:
+                    values.add(literal(value))
+                else:
+                    assert script, f"press.{field} = {value} comes from nowhere"
+                    values |= script_arguments(config, script, value)
+    return values
 
 
 def script_arguments(config: dict[str, Any], script: str, name: str) -> set[str]:
@@ -259,6 +314,8 @@ def test_events_follow_the_contract(config: dict[str, Any]) -> None:
         for value in assigned(payload, "type"):
             if literal(value) is not None:
                 types.add(literal(value))
+            elif value.startswith("p->"):
+                types |= press_values(config, value.removeprefix("p->"))
             else:
                 assert script, f"{topic}: type {value} comes from nowhere"
                 types |= script_arguments(config, script, value)
@@ -268,7 +325,10 @@ def test_events_follow_the_contract(config: dict[str, Any]) -> None:
         assert keys <= allowed, f"{topic}: unknown keys {keys - allowed}"
         if "feedback" in types:
             (score,) = assigned(payload, "score")
-            assert script_arguments(config, script, score) == SCORES
+            if score.startswith("p->"):
+                assert press_values(config, score.removeprefix("p->")) == SCORES
+            else:
+                assert script_arguments(config, script, score) == SCORES
         for value in assigned(payload, "reading"):
             assert literal(value) in READINGS
 
@@ -364,6 +424,23 @@ def fake_change(alert_id: str, version: int, reason: str, **alert: Any) -> bytes
     return pager_payload(SimpleNamespace(alert=SimpleNamespace(**values)), note)
 
 
+QUESTION = Question(
+    Poll.model_validate(
+        {
+            "id": "monday-mood",
+            "question": "How is your week starting? Be honest, it stays anonymous.",
+            "answers": ["great", "okay", "rough"],
+            "roles": ["nurse"],
+            "ask": {"days": ["mon"], "at": "09:00"},
+            "open_for": "8h",
+        }
+    ),
+    "2026-11-30T09:00",
+    1767254400.0 + 8 * 3600,
+)
+"""A round of a poll, paged by the gateway's own code."""
+
+
 def test_pager_subscribes_to_its_person_and_role() -> None:
     mqtt = by_name("pager.yaml")["mqtt"]
     topics = {entry["topic"] for entry in mqtt["on_json_message"]}
@@ -377,8 +454,12 @@ def test_pager_subscribes_to_its_person_and_role() -> None:
 
 def test_pager_reads_only_contract_keys() -> None:
     body = json.loads(fake_change("a1", 3, "opened"))
+    question = json.loads(QUESTION.payload("nurse"))
     text = (ESPHOME / "pager.yaml").read_text()
-    assert set(JSON_READ.findall(text)) <= body.keys()
+    assert set(JSON_READ.findall(text)) <= body.keys() | question.keys()
+    assert {"poll", "round", "question", "answers", "closes_at"} <= set(
+        JSON_READ.findall(text)
+    )
     # The pager reads the alert version from the id; keep the two in step.
     assert body["id"] == f"a1:3:{body['target']}"
     for reason in (*PAGING, "acknowledged", "resolved"):
@@ -396,9 +477,12 @@ def test_pager_commands_follow_the_contract() -> None:
         verbs.add(match.group(1))
         assert action["qos"] == 1
         payload = action["payload"]
+        if match.group(1) == "answer":
+            assert set(ROOT_KEY.findall(payload)) == ANSWER_KEYS
+            continue
         assert set(ROOT_KEY.findall(payload)) == COMMAND_KEYS
         assert assigned(payload, "alert") == {"id(target_alert)"}
-    assert verbs == {"ack", "resolve"}
+    assert verbs == {"ack", "resolve", "answer"}
 
 
 # -- documentation ---------------------------------------------------------------
@@ -429,6 +513,7 @@ STUBS = r"""
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <sstream>
@@ -453,11 +538,6 @@ struct Clock {
   bool valid = true;
   ESPTime now() const { return {ts, valid}; }
 };
-struct Mqtt {
-  bool connected = true;
-  bool is_connected() const { return connected; }
-};
-
 static std::string json_quote(const std::string &s) {
   std::string out = "\"";
   for (char c : s) {
@@ -488,23 +568,78 @@ static void print_json(const std::map<std::string, std::string> &fields) {
     text += (text.size() > 1 ? "," : "") + json_quote(f.first) + ":" + f.second;
   std::cout << text << "}" << std::endl;
 }
+struct JsonObjectConst;
+struct JsonArrayConst;
 struct JsonVariantConst {
-  const std::map<std::string, std::string> *strings;
-  const std::map<std::string, int> *ints;
+  const JsonObjectConst *object = nullptr;
   std::string key;
-  const char *operator|(const char *fallback) const {
-    auto it = strings->find(key);
-    return it == strings->end() ? fallback : it->second.c_str();
-  }
-  int operator|(int fallback) const {
-    auto it = ints->find(key);
-    return it == ints->end() ? fallback : it->second;
-  }
+  const std::string *item = nullptr;  // an element of an array of strings
+  const char *operator|(const char *fallback) const;
+  int operator|(int fallback) const;
+  double operator|(double fallback) const;
+  template <typename T> T as() const;
+};
+struct JsonArrayConst {
+  const std::vector<std::string> *items = nullptr;
+  struct iterator {
+    const std::string *p;
+    JsonVariantConst operator*() const { return {nullptr, "", p}; }
+    iterator &operator++() { ++p; return *this; }
+    bool operator!=(const iterator &o) const { return p != o.p; }
+  };
+  iterator begin() const { return {items ? items->data() : nullptr}; }
+  iterator end() const { return {items ? items->data() + items->size() : nullptr}; }
 };
 struct JsonObjectConst {
   std::map<std::string, std::string> strings;
   std::map<std::string, int> ints;
-  JsonVariantConst operator[](const char *key) const { return {&strings, &ints, key}; }
+  std::map<std::string, double> doubles;
+  std::map<std::string, std::vector<std::string>> arrays;
+  JsonVariantConst operator[](const char *key) const { return {this, key, nullptr}; }
+};
+inline const char *JsonVariantConst::operator|(const char *fallback) const {
+  if (item) return item->c_str();
+  auto it = object->strings.find(key);
+  return it == object->strings.end() ? fallback : it->second.c_str();
+}
+// Like ArduinoJson: a float is no int, but any number is a double.
+inline int JsonVariantConst::operator|(int fallback) const {
+  if (item) return fallback;
+  auto it = object->ints.find(key);
+  return it == object->ints.end() ? fallback : it->second;
+}
+inline double JsonVariantConst::operator|(double fallback) const {
+  if (item) return fallback;
+  auto d = object->doubles.find(key);
+  if (d != object->doubles.end()) return d->second;
+  auto i = object->ints.find(key);
+  return i == object->ints.end() ? fallback : i->second;
+}
+template <> inline JsonArrayConst JsonVariantConst::as<JsonArrayConst>() const {
+  JsonArrayConst array;
+  auto it = object ? object->arrays.find(key) : decltype(object->arrays.end())();
+  if (object && it != object->arrays.end()) array.items = &it->second;
+  return array;
+}
+
+// The MQTT client: publish_json prints what it would send.
+struct Mqtt {
+  bool connected = true;
+  int refuse = 0;  // publishes to refuse, as when the client's buffer is full
+  bool is_connected() const { return connected; }
+  bool publish_json(const char *topic, const std::function<void(JsonObject)> &build,
+                    int qos, bool retain) {
+    if (!connected) return false;
+    if (refuse > 0) {
+      refuse--;
+      return false;
+    }
+    std::map<std::string, std::string> out;
+    build(JsonObject{&out});
+    std::cout << "pub\t" << topic << "\t" << qos << "\t" << retain << "\t";
+    print_json(out);
+    return true;
+  }
 };
 
 #define ESP_UUID_LEN_16 2
@@ -581,7 +716,13 @@ static std::vector<std::string> split(const std::string &line) {
 }
 """
 
-PARAM_TYPES = {"string": "std::string", "int": "int", "float": "float"}
+PARAM_TYPES = {
+    "string": "std::string",
+    "string[]": "std::vector<std::string>",
+    "int": "int",
+    "uint32_t": "uint32_t",
+    "float": "float",
+}
 
 
 class Harness:
@@ -596,6 +737,9 @@ class Harness:
             init = item.get("initial_value")
             value = f" = {init}" if init is not None else "{}"
             self.parts.append(f"static {item['type']} g_{item['id']}{value};")
+        # ESPHome includes the files of `includes:` after the globals.
+        for include in self.config["esphome"].get("includes", []):
+            self.parts.append(f'#include "{Path(include).name}"')
 
     def code(self, source: str) -> str:
         """ESPHome's rewrite of id(): globals by value, components by pointer."""
@@ -618,7 +762,7 @@ class Harness:
         source.write_text("\n".join([*self.parts, main]))
         built = subprocess.run(
             [GXX or "g++", "-std=c++20", "-Wall", "-Werror", "-Wno-unused-function",
-             "-o", str(binary), str(source)],
+             "-I", str(INCLUDE), "-o", str(binary), str(source)],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert built.returncode == 0, built.stderr
@@ -799,12 +943,31 @@ int main() {
     else if (p[0] == "connected") mqtt_.connected = p[1] == "1";
     else if (p[0] == "s") message.strings[p[1]] = p[2];
     else if (p[0] == "i") message.ints[p[1]] = std::stoi(p[2]);
-    else if (p[0] == "page") {
+    else if (p[0] == "d") message.doubles[p[1]] = std::stod(p[2]);
+    else if (p[0] == "a") message.arrays[p[1]].assign(p.begin() + 2, p.end());
+    else if (p[0] == "ts") clock_.ts = std::stol(p[1]);
+    else if (p[0] == "synced") clock_.valid = p[1] == "1";
+    else if (p[0] == "poll") {
+      // The same message reaches both handlers of the role topic.
+      std::cout << (poll(message) ? "tick" : "-") << std::endl;
+      page(message);
+      message = JsonObjectConst();
+    } else if (p[0] == "page") {
       page(message);
       message = JsonObjectConst();
       if (g_start_buzz) g_buzzing = true;
       if (g_stop_buzz) g_buzzing = false;
-    } else if (p[0] == "ack" || p[0] == "resolve") {
+    } else if (p[0] == "hold" && poll_shown()) {
+      if (answer_ok()) {
+        std::cout << answer_topic() << " ";
+        std::map<std::string, std::string> out;
+        answer_payload(JsonObject{&out});
+        print_json(out);
+      } else {
+        std::cout << "- " << g_note << std::endl;
+      }
+    } else if (p[0] == "ack" || p[0] == "resolve" || p[0] == "hold") {
+      if (p[0] == "hold") p[0] = "resolve";
       if (p[0] == "ack") g_buzzing = false;
       std::map<std::string, std::string> out;
       if (p[0] == "ack" ? ack_ok() : resolve_ok()) {
@@ -850,9 +1013,12 @@ def pager_harness() -> Harness:
         f"static void page(const JsonObjectConst &x) {{ on_page({', '.join(calls)}); }}"
     )
     ack, resolve = h.config["binary_sensor"]
+    hold = resolve["on_multi_click"][0]["then"][0]["if"]
+    h.function("static bool poll_shown()", hold["condition"]["lambda"])
     for verb, step in (
         ("ack", ack["on_press"][2]["if"]),
-        ("resolve", resolve["on_multi_click"][0]["then"][0]["if"]),
+        ("resolve", hold["else"][0]["if"]),
+        ("answer", hold["then"][0]["if"]),
     ):
         publish = step["then"][0]["mqtt.publish_json"]
         h.function(f"static bool {verb}_ok()", step["condition"]["lambda"])
@@ -863,19 +1029,47 @@ def pager_harness() -> Harness:
         h.function(f"static void {verb}_payload(JsonObject root)", publish["payload"])
     next_alert = resolve["on_click"][0]["then"][0]["lambda"]
     h.function("static void next_alert()", next_alert)
+
+    # Poll questions: the third subscription, into the on_poll script.
+    on_poll = script(h.config, "on_poll")
+    assert on_poll["then"][0]["if"]["then"] == [{"script.execute": "tick"}]
+    signature = f"static bool on_poll({parameters(on_poll)})"
+    h.function(signature, on_poll["then"][0]["if"]["condition"]["lambda"])
+    (poll_subscription,) = [
+        entry
+        for entry in h.config["mqtt"]["on_json_message"]
+        if entry["then"][0]["script.execute"]["id"] == "on_poll"
+    ]
+    assert poll_subscription["topic"] == "facility/${site}/pagers/${role}"
+    execute = poll_subscription["then"][0]["script.execute"]
+    calls = []
+    for name, kind in on_poll["parameters"].items():
+        signature = f"static {PARAM_TYPES[kind]} poll_{name}(const JsonObjectConst &x)"
+        h.function(signature, execute[name])
+        calls.append(f"poll_{name}(x)")
+    arguments = ", ".join(calls)
+    h.parts.append(
+        f"static bool poll(const JsonObjectConst &x) {{ return on_poll({arguments}); }}"
+    )
     (display,) = h.config["display"]
     h.function("static void draw(Display &it)", display["lambda"])
     return h
 
 
-def notice(payload: bytes) -> list[str]:
+def notice(payload: bytes, command: str = "page") -> list[str]:
     lines = []
     for key, value in json.loads(payload).items():
         if isinstance(value, str):
             lines.append(f"s\t{key}\t{value}")
+        elif isinstance(value, bool):
+            continue
         elif isinstance(value, int):
             lines.append(f"i\t{key}\t{value}")
-    return [*lines, "page"]
+        elif isinstance(value, float):
+            lines.append(f"d\t{key}\t{value!r}")
+        elif isinstance(value, list):
+            lines.append("\t".join(["a", key, *value]))
+    return [*lines, command]
 
 
 @needs_gxx
@@ -958,6 +1152,312 @@ def test_pager_keeps_at_most_eight_and_wraps_text(tmp_path: Path) -> None:
     lines = [part.split(":", 1)[1] for part in out[2].split("|") if part]
     text = [line for line in lines if line and "ROUTINE" not in line]
     assert all(len(line) <= 21 for line in text), text
+
+
+@needs_gxx
+def test_pager_answers_a_poll(tmp_path: Path) -> None:
+    h = pager_harness()
+    staff, site = h.subs["staff_id"], h.subs["site"]
+    question = QUESTION.payload(h.subs["role"])
+    acked = {"state": AlertState.ACKNOWLEDGED, "acked_by": staff}
+    closes_at = int(QUESTION.closes_at)
+    commands = [
+        f"ts\t{closes_at - 3600}",
+        # An open call holds the question back: no pulse, the call shows,
+        # and a held button resolves the call, not the poll.
+        *notice(fake_change("a1", 1, "opened")),
+        *notice(question, "poll"), "draw", "hold",
+        # Acknowledged: now the question shows. A repeat of it (QoS 1, or a
+        # second role) changes nothing.
+        *notice(fake_change("a1", 2, "acknowledged", **acked)),
+        "draw", *notice(question, "poll"),
+        # Taps go through the answers and round again; the ack button does
+        # not act on the acknowledged alert behind the question.
+        "next", "draw", "next", "next", "next", "draw", "ack",
+        # Offline, a held button sends nothing and keeps the question.
+        "connected\t0", "hold", "connected\t1", "draw",
+        "hold", "draw",
+        # Answered: a late copy of the round is not asked again.
+        *notice(question, "poll"), "draw",
+    ]  # fmt: skip
+    out = iter(h.run(tmp_path, PAGER_MAIN, commands))
+    assert next(out) == "-"  # the question came while a call was open
+    screen = next(out)
+    assert "POLL" not in screen
+    assert "ROUTINE L1" in screen
+    topic, _ = next(out).split(" ", 1)
+    assert topic == f"facility/{site}/staff/{staff}/resolve"
+
+    screen = next(out)
+    assert "0,0:POLL" in screen
+    assert "128,0:1/3" in screen
+    assert "0,44:> great" in screen
+    assert "How is your week" in screen
+    assert next(out) == "-"  # the repeat
+    assert "0,44:> okay" in next(out)
+    screen = next(out)
+    assert "0,44:> okay" in screen  # great, okay, rough, great
+    assert "2/3" in screen
+    assert next(out) == "- "  # ack: nothing sent
+
+    assert next(out) == "- offline: not sent"
+    assert "0,44:> okay" in next(out)
+    topic, body = next(out).split(" ", 1)
+    assert topic == f"facility/{site}/staff/{staff}/answer"
+    assert json.loads(body).keys() == ANSWER_KEYS
+    # The gateway's own parser, with the person the topic speaks for.
+    answer = parse_answer(body.encode(), 4096, staff=staff)
+    assert (answer.staff, answer.answer) == (staff, "okay")
+    assert json.loads(body)["poll"] == QUESTION.poll.id
+    assert answer.answer in QUESTION.poll.answers
+    screen = next(out)
+    assert "POLL" not in screen
+    assert "answer sent" in screen
+    assert next(out) == "-"
+    assert "POLL" not in next(out)
+
+
+@needs_gxx
+def test_pager_forgets_a_closed_round(tmp_path: Path) -> None:
+    h = pager_harness()
+    closes_at = int(QUESTION.closes_at)
+    later = Question(QUESTION.poll, "2026-12-07T09:00", QUESTION.closes_at + 7 * 86400)
+    commands = [
+        f"ts\t{closes_at - 1}", *notice(QUESTION.payload("nurse"), "poll"), "draw",
+        f"ts\t{closes_at}", "draw", "hold",
+        # The next round replaces it; with the clock unset it stays shown.
+        *notice(later.payload("nurse"), "poll"), "synced\t0", f"ts\t{2 * closes_at}",
+        "draw",
+    ]  # fmt: skip
+    out = h.run(tmp_path, PAGER_MAIN, commands)
+    assert out[0] == "tick"
+    assert "POLL" in out[1]
+    assert "POLL" not in out[2]
+    assert out[3] == "- "  # nothing to resolve, no answer sent
+    assert out[4] == "tick"
+    assert "POLL" in out[5]
+
+
+QUEUE_MAIN = r"""
+int main() {
+  press_queue::PressQueue<4> queue;
+  std::cout << press_queue::kConfirmMs << std::endl;
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    auto p = split(line);
+    uint32_t now = p.size() > 1 ? std::stoul(p[1]) : 0;
+    if (p[0] == "add") {
+      press_queue::Press press;
+      press.id = p[2];
+      press.pressed_ms = now;
+      press.ts = std::stoul(p[3]);
+      queue.add(press);
+    } else if (p[0] == "send") {
+      // What a device's send loop does while connected.
+      queue.confirm(now);
+      std::string sent;
+      while (press_queue::Press *press = queue.next()) {
+        sent += press->id + ":" + std::to_string(press->ts) + " ";
+        queue.handed_over(now);
+      }
+      std::cout << (sent.empty() ? "-" : sent) << std::endl;
+    } else if (p[0] == "lost") {
+      queue.connection_lost();
+    } else if (p[0] == "backdate") {
+      queue.backdate(std::stoul(p[2]), now);
+    } else if (p[0] == "count") {
+      std::cout << queue.size() << " " << queue.waiting() << " " << queue.dropped()
+                << std::endl;
+    }
+  }
+}
+"""
+
+
+@needs_gxx
+def test_press_queue_keeps_order_and_counts_drops(tmp_path: Path) -> None:
+    """The queue header alone, with room for 4."""
+    h = Harness("call-station.yaml")
+    out = iter(h.run(tmp_path, QUEUE_MAIN, [
+        # Six presses while offline: the two oldest give way and count.
+        *(f"add\t{1000 * n}\tp{n}\t{100 + n}" for n in range(6)), "count",
+        "send\t6000", "count",
+        # The link drops within the confirm window: all four again, in order.
+        "lost", "send\t7000",
+        # Full again: a press already handed over gives way without counting.
+        "add\t7500\tp6\t106", "count",
+        # After the window on an unbroken link, the broker surely has them.
+        "send\t36999", "count", "send\t37000", "count",
+        # Pressed before the clock was set (ts 0): backdated once it is set.
+        "add\t40000\tq1\t0", "add\t45500\tq2\t0", "backdate\t50000\t2000000000",
+        "send\t50000",
+        # uptime wrapped round between the press and the send.
+        "add\t4294967000\tq3\t0", "backdate\t2704\t2000000000", "send\t2704",
+    ]))  # fmt: skip
+    confirm = int(next(out))
+    assert confirm == 30000
+    assert next(out) == "4 4 2"
+    assert next(out) == "p2:102 p3:103 p4:104 p5:105 "
+    assert next(out) == "4 0 2"
+    assert next(out) == "p2:102 p3:103 p4:104 p5:105 "  # same ids, same times
+    assert next(out) == "4 1 2"
+    assert next(out) == "p6:106 "  # p3..p5 wait for their window
+    assert next(out) == "4 0 2"
+    assert next(out) == "-"
+    assert next(out) == "1 0 2"  # p6, handed over at 36999, stays
+    # Whole seconds since the press, rounded down: 10 s and 4.5 s ago.
+    assert next(out) == "q1:1999999990 q2:1999999996 "
+    assert next(out) == "q3:1999999997 "
+
+
+CALL_STATION_MAIN = r"""
+int main() {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    auto p = split(line);
+    if (p[0] == "clock") fake_millis = std::stoul(p[1]);
+    else if (p[0] == "synced") clock_.valid = p[1] == "1";
+    else if (p[0] == "ts") clock_.ts = std::stol(p[1]);
+    else if (p[0] == "refuse") mqtt_.refuse = std::stoi(p[1]);
+    else if (p[0] == "connected") {
+      mqtt_.connected = p[1] == "1";
+      if (mqtt_.connected) on_connect(); else on_disconnect();
+    }
+    else if (p[0] == "press") press(p[1]);
+    else if (p[0] == "tick") send_presses();
+    else if (p[0] == "dropped") std::cout << "dropped " << dropped() << std::endl;
+    std::cout << "." << std::endl;
+  }
+}
+"""
+
+
+def queued_device(name: str) -> Harness:
+    """A button device's press queue as the YAML wires it, on the stubs."""
+    h = Harness(name)
+    assert h.config["esphome"]["includes"] == ["include/press_queue.h"]
+    mqtt = h.config["mqtt"]
+    assert mqtt["id"] == "mqtt_client"
+    assert mqtt["on_connect"] == [{"script.execute": "send_presses"}]
+    h.function("static void on_connect()", "send_presses();")
+    (on_disconnect,) = mqtt["on_disconnect"]
+    h.function("static void on_disconnect()", on_disconnect["lambda"])
+    (interval,) = h.config["interval"]
+    assert interval["then"] == [{"script.execute": "send_presses"}]
+    (dropped,) = h.config["sensor"]
+    h.function("static float dropped()", dropped["lambda"])
+    send = script(h.config, "send_presses")
+    (step,) = send["then"]
+    h.parts.insert(-3, "static void send_presses();")
+    h.function("static void send_presses()", step["lambda"])
+    return h
+
+
+def published(lines: list[str], device: str, site: str) -> list[list[Any]]:
+    """Per command, the events it published, read by the gateway's parser."""
+    steps: list[list[Any]] = [[]]
+    for line in lines:
+        if line == ".":
+            steps.append([])
+            continue
+        if line.startswith("dropped "):
+            steps[-1].append(float(line.split()[1]))
+            continue
+        kind, topic, qos, retain, body = line.split("\t")
+        assert kind == "pub"
+        assert topic == f"facility/{site}/devices/{device}/events"
+        assert (qos, retain) == ("1", "0")
+        steps[-1].append(parse_event(device, body.encode(), 4096))
+    return steps[:-1]
+
+
+@needs_gxx
+def test_call_station_keeps_presses_while_offline(tmp_path: Path) -> None:
+    h = queued_device("call-station.yaml")
+    record = script(h.config, "record_press")
+    assert record["then"][1] == {"script.execute": "send_presses"}
+    h.function(f"static void press({parameters(record)})", record["then"][0]["lambda"])
+    h.parts.append("static void pressed(std::string t) { press(t); send_presses(); }")
+    main = CALL_STATION_MAIN.replace("press(p[1])", "pressed(p[1])")
+    site, device = h.subs["site"], h.subs["device_id"]
+    commands = [
+        # 0-1. Online: a press goes at once.
+        "clock\t1000", "press\tcall",
+        # 2-8. Wi-Fi down after a reboot, so no clock either: a call and a
+        # cancel wait; nothing is published.
+        "connected\t0", "synced\t0", "clock\t5000", "press\tcall",
+        "clock\t9000", "press\tcancel", "tick",
+        # 9-12. Back, clock set: sent in order, dated when they were pressed.
+        "clock\t60000", "synced\t1", "ts\t1767225660", "connected\t1",
+        # 13-15. The link drops 10 s later: both again, same ids and times.
+        "clock\t70000", "connected\t0", "connected\t1",
+        # 16-19. 30 s of unbroken link: forgotten; nothing more is sent.
+        "clock\t100000", "tick", "clock\t130000", "tick",
+        # 20-24. The client refuses a publish: the call waits and keeps its
+        # place before the next press.
+        "refuse\t1", "press\tcall", "press\tcancel", "clock\t170000", "tick",
+        # 25-67. 40 presses offline: the 8 oldest give way and are counted.
+        "connected\t0",
+        *(f"press\t{'call' if n % 2 else 'cancel'}" for n in range(40)),
+        "dropped", "connected\t1",
+    ]  # fmt: skip
+    steps = published(h.run(tmp_path, main, commands), device, site)
+    assert [(e.type, e.ts) for e in steps[1]] == [("call", 1767225600)]
+    assert steps[2:12] == [[]] * 10  # offline: nothing
+    back = steps[12]
+    # The first call, handed over 1 s before the link dropped, goes again
+    # under its own id: the gateway drops it if it had it.
+    assert (back[0].id, back[0].ts) == (steps[1][0].id, steps[1][0].ts)
+    assert [(e.type, e.ts) for e in back[1:]] == [
+        ("call", 1767225660 - 55),
+        ("cancel", 1767225660 - 51),
+    ]
+    assert steps[14] == []
+    again = steps[15]
+    assert [(e.id, e.type, e.ts) for e in again] == [(e.id, e.type, e.ts) for e in back]
+    assert steps[16:21] == [[]] * 5
+    assert [e.type for e in steps[22]] == ["call", "cancel"]
+    assert steps[23:66] == [[]] * 43
+    assert steps[66] == [8.0]
+    last = steps[67]
+    assert len(last) == 32
+    assert [e.type for e in last] == [
+        "call" if n % 2 else "cancel" for n in range(8, 40)
+    ]
+    assert len({e.id for e in last}) == 32
+
+
+@needs_gxx
+def test_feedback_terminal_keeps_presses_while_offline(tmp_path: Path) -> None:
+    h = queued_device("feedback-terminal.yaml")
+    feedback = script(h.config, "send_feedback")
+    step = feedback["then"][0]["if"]
+    assert step["then"][1:] == [
+        {"script.execute": "send_presses"},
+        {"script.execute": "thank_you"},
+    ]
+    params = parameters(feedback)
+    h.function(f"static bool taken({params})", step["condition"]["lambda"])
+    h.function(f"static void record({params})", step["then"][0]["lambda"])
+    h.parts.append(
+        "static void press(std::string s) {"
+        " if (taken(s)) { record(s); send_presses(); } }"
+    )
+    site, device = h.subs["site"], h.subs["device_id"]
+    lockout = int(h.subs["lockout_ms"])
+    scores = sorted(SCORES)
+    commands = ["connected\t0"]
+    for n, score in enumerate(scores):
+        commands += [f"clock\t{1000 + n * lockout}", f"press\t{score}"]
+    # A second press within the lockout is not a vote.
+    commands += [f"clock\t{1000 + len(scores) * lockout - 1}", f"press\t{scores[0]}"]
+    commands += ["connected\t1"]
+    steps = published(h.run(tmp_path, CALL_STATION_MAIN, commands), device, site)
+    assert all(step == [] for step in steps[:-1])
+    events = steps[-1]
+    assert [e.fields["score"] for e in events] == scores
+    assert {e.type for e in events} == {"feedback"}
+    assert len({e.id for e in events}) == len(scores)
 
 
 # -- esphome itself, where it is installed ------------------------------------------
