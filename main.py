@@ -17,7 +17,7 @@ EXIT_FAILED = 1
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     return int(args.command(args))
 
 
@@ -142,6 +142,13 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level",
         default="INFO",
         help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines (default), or one JSON object per line with the alert, "
+        "event and device ids as keys, for a log shipper",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 

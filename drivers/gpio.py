@@ -63,6 +63,7 @@ from gpiozero.pins.mock import MockFactory
 from pydantic import AfterValidator, Field, model_validator
 
 from drivers.base import Emit, make_event
+from rules.dome import BLINK, OFF, ON, light_for, strongest
 from rules.events import CALL, CANCEL
 from rules.schema import Duration, StrictModel
 
@@ -89,15 +90,9 @@ FIRST_PIN, LAST_PIN = 2, 27
 _RESERVED_FIELDS = frozenset({"id", "type", "device", "ts", "kind", "clock"})
 """Set by the event itself or taken by ``make_event``'s own parameters."""
 
-OFF, ON, BLINKING = "off", "on", "blinking"
-_LIGHT_FOR_STATE = {
-    "open": ON,
-    "acknowledged": ON,
-    "escalated": BLINKING,
-    "resolved": OFF,
-}
-_STRENGTH = {OFF: 0, ON: 1, BLINKING: 2}
-"""Several alerts on one device: the strongest one sets the light."""
+_TEST = "(test)"
+"""Stands for a technician's test among a light's alerts, so a test never
+puts out a light that a real alert keeps on."""
 
 
 # Settings -----------------------------------------------------------------
@@ -577,7 +572,7 @@ class GPIODriver:
         device, alert_id, state = (alert.get(k) for k in ("device", "id", "state"))
         if device not in self._light_devices:
             return
-        light = _LIGHT_FOR_STATE.get(str(state))
+        light = light_for(str(state))
         if light is None or alert_id is None:
             log.warning(
                 "alert %r of %s: no id or unknown state %r; light unchanged",
@@ -595,9 +590,34 @@ class GPIODriver:
                 alerts[str(alert_id)] = light
             self._show(device)
 
+    def lights(self) -> frozenset[str]:
+        """Devices with a dome light on this driver's pins."""
+        return self._light_devices
+
+    def test_light(self, device: str, seconds: float) -> None:
+        """Light the device's dome for ``seconds``, then show its alerts again.
+
+        Raises:
+            KeyError: no light on this driver's pins belongs to ``device``.
+        """
+        if device not in self._light_devices:
+            raise KeyError(f"no GPIO light belongs to device {device!r}")
+        with self._lights_lock:
+            self._alerts.setdefault(device, {})[_TEST] = ON
+            self._show(device)
+        timer = threading.Timer(seconds, self._end_test, args=(device,))
+        timer.daemon = True
+        timer.start()
+
+    def _end_test(self, device: str) -> None:
+        with self._lights_lock:
+            self._alerts.get(device, {}).pop(_TEST, None)
+            self._show(device)
+
     def _show(self, device: str) -> None:
         alerts = self._alerts.get(device, {}).values()
-        wanted = max(alerts, key=_STRENGTH.__getitem__, default=OFF)
+        # Several alerts on one device: the strongest one sets the light.
+        wanted = strongest(alerts)
         leds = [(spec, led) for spec, led in self._leds if spec.device == device]
         if not leds or self._shown.get(device) == wanted:
             return
@@ -678,7 +698,7 @@ def _led(spec: LightPin, factory: Factory) -> LED:
 
 
 def _drive(led: LED, spec: LightPin, light: str) -> None:
-    if light == BLINKING:
+    if light == BLINK:
         led.blink(on_time=spec.blink_on, off_time=spec.blink_off)
     elif light == ON:
         led.on()

@@ -17,7 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_validator
 
 from drivers.ble import BLESettings
 from drivers.gpio import GPIOSettings
@@ -461,7 +461,7 @@ def load_config(
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        lines = _yaml_lines(text)
+        lines = yaml_lines(text)
         names = _rule_names(data)
         problems = [
             _describe(path, error, lines, applied, names) for error in exc.errors()
@@ -470,7 +470,7 @@ def load_config(
 
     broken = config.problems()
     if broken:
-        lines = _yaml_lines(text)
+        lines = yaml_lines(text)
         problems = [
             f"{path}:{_line_of(loc, lines)}: "
             f"{_field_name(loc, _rule_names(data))}: {message}"
@@ -478,6 +478,40 @@ def load_config(
         ]
         raise ConfigError(str(path), problems)
     return config
+
+
+_RULE_LIST = TypeAdapter(tuple[Rule, ...])
+
+RuleProblem = tuple[Loc, str]
+"""Where in ``rules`` a problem sits, e.g. ``("rules", 0, "levels", 1, "after")``,
+and what is wrong, worded as ``check-config`` words it."""
+
+
+def validate_rules(
+    config: GatewayConfig, data: Any
+) -> tuple[tuple[RuleBase, ...], list[RuleProblem]]:
+    """Check a proposed ``rules:`` list against this site, as its file is checked.
+
+    Returns the rules, or no rules and every problem: the same field types,
+    cross-references (roles, staff, groups, zones, composites) and messages
+    as a site file gets, so the web page and ``check-config`` agree.
+    """
+    try:
+        rules = _RULE_LIST.validate_python(data)
+    except ValidationError as exc:
+        found = []
+        for error in exc.errors():
+            error = {**error, "loc": ("rules", *error["loc"])}
+            found.append((_without_tag(error["loc"]), _explain(error)))
+        return (), found
+    site = config.model_copy(update={"rules": rules})
+    broken = [(loc, text) for loc, text in site.problems() if loc[0] == "rules"]
+    return ((), broken) if broken else (rules, [])
+
+
+def field_name(loc: Loc) -> str:
+    """``levels[1].after``: a location as a person reads it."""
+    return _field_name(loc)
 
 
 # -- YAML with line numbers ------------------------------------------------------
@@ -505,7 +539,7 @@ def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
     return data
 
 
-def _yaml_lines(text: str) -> dict[Loc, int]:
+def yaml_lines(text: str) -> dict[Loc, int]:
     """The line of every key and list item; parsed again only to explain errors."""
     lines: dict[Loc, int] = {}
     _record_lines(yaml.compose(text, Loader=_LOADER), (), lines)
@@ -556,22 +590,26 @@ def _describe(
     applied: dict[Loc, str],
     rule_names: dict[int, str],
 ) -> str:
-    raw: Loc = tuple(error["loc"])
-    loc = _without_tag(raw)
+    loc = _without_tag(tuple(error["loc"]))
     field = _field_name(loc, rule_names)
     if loc in applied:
         where = f"{path} (environment variable {applied[loc]})"
     else:
         where = f"{path}:{_line_of(loc, lines)}"
+    return f"{where}: {field}: {_explain(error)}"
 
+
+def _explain(error: Any) -> str:
+    """What is wrong with one value, in the words ``check-config`` uses."""
+    raw: Loc = tuple(error["loc"])
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        message = f"unknown field {loc[-1]!r}" + _suggestion(raw)
+        message = f"unknown field {raw[-1]!r}" + _suggestion(raw)
     elif error["type"] == "missing":
         message = "required field is missing"
     elif "input" in error and not isinstance(error["input"], dict | list):
         message = f"{message} (got {error['input']!r})"
-    return f"{where}: {field}: {message}"
+    return message
 
 
 def _without_tag(loc: Loc) -> Loc:

@@ -7,9 +7,10 @@ keeps the two in step.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from drivers.mqtt_device import RejectedMessage, decode_json_object
 from gateway.store import alert_record
@@ -65,6 +66,14 @@ class Topics:
     def availability(self, device: str) -> str:
         return f"{self.base}/devices/{device}/availability"
 
+    def device_test(self, device: str) -> str:
+        """A technician's test of a device: a call station lights its dome."""
+        return f"{self.base}/devices/{device}/test"
+
+    def device_light(self, device: str) -> str:
+        """A call station's dome light, retained: ``on``, ``blink`` or ``off``."""
+        return f"{self.base}/devices/{device}/light"
+
     def silence(self, silence_id: str) -> str:
         return f"{self.base}/silences/{silence_id}"
 
@@ -108,11 +117,16 @@ def alert_payload(alert: Alert) -> bytes:
     """The retained state of an alert, as displays and pagers read it."""
     record = alert_record(alert)
     record["msg_id"] = f"{alert.id}:{alert.version}"
-    return json.dumps(record, separators=(",", ":")).encode()
+    return orjson.dumps(record)
 
 
 def pager_payload(change: Change, note: Notification) -> bytes:
     """A notification for one pager topic (a person or a role)."""
+    return orjson.dumps(pager_body(change, note))
+
+
+def pager_body(change: Change, note: Notification) -> dict[str, Any]:
+    """The fields of :func:`pager_payload`, for the web page's pager view."""
     alert = change.alert
     where = alert.room or alert.zone or alert.device
     what = alert.rule.replace("-", " ").replace("_", " ").capitalize()
@@ -138,7 +152,7 @@ def pager_payload(change: Change, note: Notification) -> bytes:
         "device": alert.device,
         "text": text,
     }
-    return json.dumps(body, separators=(",", ":")).encode()
+    return body
 
 
 def parse_command(payload: bytes, max_payload: int) -> tuple[str, str | None]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -14,6 +16,11 @@ from gateway.service import Gateway
 from gateway.systemd import Notifier, Supervisor, watchdog_interval
 
 log = logging.getLogger(__name__)
+
+STALL_ENV = "GATEWAY_TEST_STALL_SECONDS"
+"""Test hook, off unless set: SIGUSR2 then blocks the event loop this long,
+as a hung driver callback would, so the fault battery can watch the
+watchdog pings stop in a real process (tests/faults/test_watchdog_stall.py)."""
 
 
 async def run_gateway(gateway: Gateway, *companions: Coroutine[Any, Any, None]) -> None:
@@ -26,6 +33,7 @@ async def run_gateway(gateway: Gateway, *companions: Coroutine[Any, Any, None]) 
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    _stall_on_request(loop)
 
     core = asyncio.create_task(gateway.run(), name="gateway")
     others = [asyncio.create_task(c, name="companion") for c in companions]
@@ -79,3 +87,16 @@ async def run_gateway(gateway: Gateway, *companions: Coroutine[Any, Any, None]) 
     ]
     if failed:
         raise failed[0].exception()  # type: ignore[misc]
+
+
+def _stall_on_request(loop: asyncio.AbstractEventLoop) -> None:
+    seconds = os.environ.get(STALL_ENV)
+    if not seconds:
+        return
+    log.warning(
+        "Test hook on: SIGUSR2 blocks the event loop for %s s (%s is set); "
+        "never set it on a site",
+        seconds,
+        STALL_ENV,
+    )
+    loop.add_signal_handler(signal.SIGUSR2, time.sleep, float(seconds))

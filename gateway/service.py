@@ -14,11 +14,13 @@ import asyncio
 import gc
 import json
 import logging
+import sqlite3
 import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -37,9 +39,12 @@ from gateway.contract import (
     parse_silence,
     parse_staff_command,
 )
+from gateway.devices import DeviceBook
+from gateway.lights import DomeLights
 from gateway.metrics import GatewayMetrics
 from gateway.mqtt import MQTTLink, Receipt
 from gateway.polls import MOOD, Polls, Result, parse_answer
+from gateway.rulesets import RuleVersions
 from gateway.store import Store, alert_record
 from rules.alerts import Action, Change, Kudos
 from rules.engine import OFFLINE, Engine, EngineError, UnknownAlert
@@ -61,9 +66,28 @@ MAX_TIMERS = 500
 DRIVER_RETRY = (5.0, 60.0)
 """First and longest wait, in seconds, before starting a failed driver again."""
 
+COMMIT_RETRY = (0.5, 5.0)
+"""First and longest wait, in seconds, before committing a refused batch again."""
+
+TROUBLE = b"trouble"
+"""Retained on the gateway's status topic while its database takes no write."""
+
 Message = tuple[str, bytes, bool, Receipt]
 Watcher = Callable[[list[Change]], None]
 """Told of every batch of alert changes right after it is committed."""
+
+
+class DatabaseTrouble(Exception):
+    """A batch whose commit the database refused (locked, full, failing disk).
+
+    Nothing of it was published or acknowledged; ``resume`` commits it again
+    and then does the rest, so it is never lost and never half done.
+    """
+
+    def __init__(self, error: sqlite3.Error, resume: Callable[[], None]) -> None:
+        super().__init__(f"database not writable: {error}")
+        self.error = str(error)
+        self.resume = resume
 
 
 class AlreadyResolved(EngineError):
@@ -105,7 +129,7 @@ class Command:
             self.done.set_result(self.result)
 
 
-COMMANDS = ("ack", "resolve", "silence", "unsilence")
+COMMANDS = ("ack", "resolve", "silence", "unsilence", "rules")
 
 Item = Message | Event | Command
 """What the loop processes: a broker message, an event a driver read, or a
@@ -126,6 +150,10 @@ class Gateway:
         self.drivers = list(drivers)
         self.topics = Topics(config.site.id, config.gateway.id)
         self.store = Store(config.database.path)
+        # The rules that run are the newest saved version (gateway/rulesets.py).
+        self.rule_versions = RuleVersions(self.store.db)
+        rules, self.rules_version = self.rule_versions.startup(config)
+        config = self.config = config.model_copy(update={"rules": rules})
         self.credit_site = credit.CreditSite.from_config(config)
         self.sender = upstream.build_sender(
             config.database.path,
@@ -150,8 +178,14 @@ class Gateway:
         self.rejected: Counter[str] = Counter()
         self.driver_failures: dict[str, str] = {}
         """Drivers that could not start (name -> why); retried with backoff."""
+        self.driver_retry_at: dict[str, float] = {}
+        """When each failed driver is tried again (Unix time)."""
+        self.devices = DeviceBook()
+        """Last seen, battery and refusals per device, for the devices page."""
         self.accepted = 0
         self.started_at = clock()
+        self.trouble: dict[str, Any] | None = None
+        """Set while the database refuses commits: what, why and since when."""
         # Response times, commit durations, loop lag: for /metrics.
         self.metrics = GatewayMetrics()
 
@@ -184,6 +218,8 @@ class Gateway:
             on_connected=self._link_up,
             extra_topics=extra_topics,
         )
+        # Dome lights of call stations on MQTT; GPIO lights are the driver's.
+        self.domes = DomeLights(self.link, self.topics, config, _owned(self.drivers))
 
     @property
     def ready(self) -> asyncio.Event:
@@ -196,6 +232,7 @@ class Gateway:
         """Restore state, connect, and process until :meth:`stop`."""
         self._loop = asyncio.get_running_loop()
         self._restore()
+        self.devices.seed(self.store.db.conn, self.clock())
         self.sender.start()
         # Move everything loaded at start-up (imports, the site file, the
         # restored alerts) out of the collector's reach: a full collection
@@ -252,9 +289,11 @@ class Gateway:
                 reason = f"driver could not start: {exc}"
                 self._report_devices(driver, OFFLINE, reason=reason)
             self.driver_failures[driver.name] = str(exc)
+            self.driver_retry_at[driver.name] = self.clock() + delay
             if self._loop is not None:
                 self._loop.call_later(delay, self._start_driver, driver, attempt + 1)
             return
+        self.driver_retry_at.pop(driver.name, None)
         if self.driver_failures.pop(driver.name, None) is not None:
             log.info(
                 "Driver %s started after %d failed attempt(s)", driver.name, attempt
@@ -317,7 +356,7 @@ class Gateway:
 
     def _restore(self) -> None:
         alerts = self.store.unresolved_alerts()
-        orphans = self.engine.restore(alerts)
+        orphans = self.engine.restore(alerts, self.rule_versions.former_rules())
         # After the alerts: presence state re-arms dwell checks against them.
         self.engine.load_state(self.store.engine_state())
         for orphan in orphans:
@@ -340,21 +379,19 @@ class Gateway:
         # Escalations that fell due while we were down fire now, marked late.
         self._commit_and_publish([], self.engine.advance())
 
-    # -- paho thread ---------------------------------------------------------------
+    # -- from the broker link ----------------------------------------------------
 
     def _receive(
         self, topic: str, payload: bytes, retain: bool, receipt: Receipt
     ) -> None:
-        """Called on paho's thread: hand the message to the loop, nothing more."""
-        loop = self._loop
+        """Called by the link, on the loop: queue the message, nothing more."""
         if self._tracker is not None and topic.endswith("/sightings"):
             self._sighting(topic, payload, receipt)
             return
-        if loop is not None:
-            loop.call_soon_threadsafe(self._enqueue, (topic, payload, retain, receipt))
+        self._enqueue((topic, payload, retain, receipt))
 
     def _sighting(self, topic: str, payload: bytes, receipt: Receipt) -> None:
-        """A badge sighting from an ESP32 receiver, on paho's thread.
+        """A badge sighting from an ESP32 receiver.
 
         Sightings are many and change nothing by themselves, so they go
         straight to the presence tracker (thread-safe) instead of the commit
@@ -367,8 +404,7 @@ class Gateway:
                 raise RejectedMessage("unknown_topic", f"no handler for {topic}")
             self._tracker.feed_message(route[1], payload, limit)
         except RejectedMessage as exc:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._reject, topic, exc)
+            self._reject(topic, exc)
         self.link.ack(receipt)
 
     def _from_driver(self, event: Event) -> None:
@@ -378,9 +414,7 @@ class Gateway:
             loop.call_soon_threadsafe(self._enqueue, event)
 
     def _link_up(self) -> None:
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._request_resync)
+        self._request_resync()
 
     # -- event loop --------------------------------------------------------------------
 
@@ -401,14 +435,19 @@ class Gateway:
                 del self._inbox[:MAX_BATCH]
                 try:
                     self._process(batch)
+                except DatabaseTrouble as trouble:
+                    if not await self._ride_out(trouble, batch):
+                        return
                 except BaseException as exc:
-                    for item in batch:
-                        if isinstance(item, Command):
-                            item.fail(RuntimeError(f"the gateway failed: {exc}"))
+                    _fail_commands(batch, exc)
                     raise
                 # Let paho's callbacks and the web server run between batches.
                 await asyncio.sleep(0)
-            self._process([])
+            try:
+                self._process([])
+            except DatabaseTrouble as trouble:
+                if not await self._ride_out(trouble, []):
+                    return
             if self._resync:
                 self._resync = False
                 self._publish_all_unresolved()
@@ -426,18 +465,74 @@ class Gateway:
         # Due timers in slices: the rest fire on the next turn of the loop,
         # after paho's callbacks and the web server have had theirs.
         changes.extend(self.engine.advance(limit=MAX_TIMERS))
-        self._commit_and_publish(events, changes)
-        self._run_polls()
+        self._commit_and_publish(events, changes, then=partial(self._finish, batch))
+
+    def _finish(self, batch: list[Item]) -> None:
+        """After the batch's commit: polls, web commands, broker acks."""
+        try:
+            self._run_polls()
+        except sqlite3.OperationalError as exc:
+            # A round left open or unasked stays due: the next turn tries again.
+            log.warning("Polls wait for the database: %s", exc)
         for item in batch:
             if isinstance(item, Command):
                 item.finish()
 
-        # Only now may the broker forget these messages. If the commit above
-        # raised, the process stops unacknowledged, and after the restart the
-        # broker redelivers the batch to an engine rebuilt from the database.
+        # Only now may the broker forget these messages. If the process stops
+        # before the commit (a crash, or a stop while the database refuses
+        # it), they stay unacknowledged, and after the restart the broker
+        # redelivers the batch to an engine rebuilt from the database.
         for item in batch:
             if isinstance(item, tuple):
                 self.link.ack(item[3])
+
+    async def _ride_out(self, trouble: DatabaseTrouble, batch: list[Item]) -> bool:
+        """Commit a refused batch again, with backoff, until the database takes it.
+
+        Meanwhile nothing new is processed (the engine already holds the
+        batch, so the next commit must be this one), nothing is published or
+        acknowledged, and the trouble shows on the status topic, /healthz
+        and the watchdog: a locked or full database pauses alerting, it
+        loses nothing. False if the gateway is stopping first: then nothing
+        more may be processed, as the engine holds uncommitted changes.
+        """
+        self._set_trouble(trouble.error)
+        delay, longest = COMMIT_RETRY
+        while not self._stopping.is_set():
+            await asyncio.sleep(delay)
+            try:
+                trouble.resume()
+            except DatabaseTrouble as again:
+                trouble = again
+                self.trouble = (self.trouble or {}) | {"error": again.error}
+                delay = min(longest, delay * 2)
+                continue
+            self._set_trouble(None)
+            return True
+        # Stopping with the batch uncommitted: the broker redelivers it.
+        _fail_commands(batch, trouble)
+        return False
+
+    def _set_trouble(self, error: str | None) -> None:
+        if error is not None and self.trouble is None:
+            self.trouble = {"what": "database", "error": error, "since": self.clock()}
+            log.error(
+                "Database %s takes no write (%s): alerting waits, nothing is "
+                "acknowledged to the broker, and the commit is retried every "
+                "%g s at most",
+                self.store.path,
+                error,
+                COMMIT_RETRY[1],
+            )
+            self.link.publish(self.topics.status, TROUBLE, retain=True)
+        elif error is None and self.trouble is not None:
+            since, self.trouble = self.trouble["since"], None
+            log.warning(
+                "Database %s takes writes again after %.1f s",
+                self.store.path,
+                self.clock() - since,
+            )
+            self.link.publish(self.topics.status, b"online", retain=True)
 
     def _take(self, item: Item, events: list[Event]) -> list[Action]:
         if isinstance(item, Event):
@@ -514,6 +609,9 @@ class Gateway:
             return self.engine.resolve(key, staff, via=command.via)
         if command.action == "unsilence":
             return list(self.engine.unsilence(key))
+        if command.action == "rules":
+            command.result["version"] = self._swap_rules(**options)
+            return []
         silence_id, changes = self.engine.silence(
             until=options["until"],
             reason=options["reason"],
@@ -532,6 +630,35 @@ class Gateway:
         )
         return list(changes)
 
+    def _swap_rules(self, rules: tuple[Any, ...], change: str, **save: Any) -> int:
+        """Save a rule set as the newest version and run it from this batch on.
+
+        The version is committed first: if the process dies before the batch
+        commits, the restarted gateway runs that version anyway. Open alerts,
+        their timers and rule state carry over (:meth:`Engine.handover`).
+        """
+        number = self.rule_versions.save(rules=rules, action=change, **save)
+        before = {rule.name: rule for rule in self.config.rules}
+        self.engine = self.engine.handover(rules)
+        self.config = self.config.model_copy(update={"rules": rules})
+        self.rules_version = number
+        # Credit and availability still know the rules of alerts left open.
+        known = before | {rule.name: rule for rule in rules}
+        everything = self.config.model_copy(update={"rules": tuple(known.values())})
+        self.credit_site = credit.CreditSite.from_config(everything)
+        self._supervision |= {
+            rule.name for rule in rules if isinstance(rule, SupervisionRule)
+        }
+        self.domes.retarget(self.config, self.engine.alerts)
+        log.warning(
+            "Rule set version %d runs from now (%s by %s, %d rule(s))",
+            number,
+            change,
+            save["by"],
+            len(rules),
+        )
+        return number
+
     def _accept(self, event: Event, events: list[Event]) -> list[Action]:
         """Run a new event through the engine; drop one seen before."""
         if event.id in self._seen:
@@ -546,11 +673,13 @@ class Gateway:
             )
             self._remember(event.id)
             self.accepted += 1
+            self.devices.heard(event, self.clock())
             return []
         changes = self.engine.on_event(event)
         self._remember(event.id)
         events.append(event)
         self.accepted += 1
+        self.devices.heard(event, self.clock())
         return changes
 
     def _poll_answer(
@@ -617,14 +746,26 @@ class Gateway:
             log.info("Ignored %s: alert %s is already resolved", topic, exc.alert_id)
             return
         self.rejected[reason] += 1
-        log.warning("Rejected message on %s: %s", topic, exc)
+        self.devices.refused(topic, reason)
+        log.warning(
+            "Rejected message on %s: %s",
+            topic,
+            exc,
+            extra={"topic": topic, "reason": reason},
+        )
 
     def _remember(self, event_id: str) -> None:
         self._seen[event_id] = None
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
 
-    def _commit_and_publish(self, events: list[Event], actions: list[Action]) -> None:
+    def _commit_and_publish(
+        self,
+        events: list[Event],
+        actions: list[Action],
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Commit, then publish, then ``then()``; DatabaseTrouble if refused."""
         changes = [a for a in actions if isinstance(a, Change)]
         kudos = [a for a in actions if isinstance(a, Kudos)]
 
@@ -639,9 +780,20 @@ class Gateway:
             f"kudos:{k.id}": self.credit_site.credit_kudos(asdict(k)) for k in kudos
         }
 
+        record = (events, changes, self.engine.take_dirty(), kudos, credits)
+        self._commit_then_publish(record, then)
+
+    def _commit_then_publish(
+        self, record: tuple[Any, ...], then: Callable[[], None] | None
+    ) -> None:
+        events, changes, _, kudos, credits = record
         # Commit first: nobody may see a transition a power cut could undo.
         commits, started = self.store.commits, time.perf_counter()
-        self.store.record(events, changes, self.engine.take_dirty(), kudos, credits)
+        try:
+            self.store.record(*record)
+        except sqlite3.OperationalError as exc:
+            resume = partial(self._commit_then_publish, record, then)
+            raise DatabaseTrouble(exc, resume) from exc
         if self.store.commits != commits:
             self.metrics.commit.observe(time.perf_counter() - started)
             self.metrics.observe_changes(changes)
@@ -657,8 +809,11 @@ class Gateway:
             _log_transition(change)
         if changes:
             self._show_on_drivers(changes)
+            self.domes.changed(changes)
             self._tell_watchers(changes)
         self._publish_silences()
+        if then is not None:
+            then()
 
     def _tell_watchers(self, changes: list[Change]) -> None:
         """Live web pages hear of changes after the commit, like the broker."""
@@ -745,6 +900,7 @@ class Gateway:
                 self.topics.alert(alert.id), alert_payload(alert), retain=True
             )
         self._publish_silences(all_again=True)
+        self.domes.all_again(alerts)
         log.info("Published %d unresolved alert(s) after connecting", len(alerts))
 
     def _schedule_next_timer(self) -> None:
@@ -760,6 +916,21 @@ class Gateway:
             return
         delay = max(0.0, due - now)
         self._timer = self._loop.call_later(delay, self._wake.set)
+
+
+def _owned(drivers: Sequence[Driver]) -> set[str]:
+    """Devices the drivers read themselves (GPIO, serial hubs, BLE adapters)."""
+    owned: set[str] = set()
+    for driver in drivers:
+        device_ids = getattr(driver, "device_ids", None)
+        owned |= set(device_ids()) if device_ids is not None else set()
+    return owned
+
+
+def _fail_commands(batch: list[Item], exc: BaseException) -> None:
+    for item in batch:
+        if isinstance(item, Command):
+            item.fail(RuntimeError(f"the gateway failed: {exc}"))
 
 
 def _poll_of(payload: bytes, max_payload: int) -> str:
@@ -800,4 +971,16 @@ def _log_transition(change: Change) -> None:
         change.via,
         f" ({', '.join(notes)})" if notes else "",
         alert.id[:8],
+        extra={
+            "alert": alert.id,
+            "event": alert.event_id,
+            "transition": change.kind,
+            "device": alert.device,
+            "zone": alert.zone,
+            "room": alert.room,
+            "rule": alert.rule,
+            "alert_level": alert.level,
+            "staff": change.actor,
+            "via": change.via,
+        },
     )

@@ -21,6 +21,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlite_utils
 from sqlite_utils import Migrations
 
@@ -193,6 +194,32 @@ def m006_web_accounts(db: sqlite_utils.Database) -> None:
     db["web_secrets"].create({"name": str, "value": str}, pk="name")
 
 
+@migrations()
+def m007_rule_versions(db: sqlite_utils.Database) -> None:
+    # Append-only: a save, an enable switch or a rollback adds a version; the
+    # newest one runs. ``rules`` is the JSON of the ``rules:`` list as written,
+    # ``digest`` the SHA-256 of it normalised, to tell a changed site file.
+    db["rule_versions"].create(
+        {
+            "number": int, "rules": str, "digest": str, "source": str,
+            "action": str, "saved_by": str, "saved_at": float, "comment": str,
+            "restored_from": int,
+        },
+        pk="number",
+        not_null={"rules", "digest", "source", "action", "saved_by", "saved_at"},
+    )  # fmt: skip
+    # Who changed what on the web page, and when: rule sets and silences.
+    db["audit_log"].create(
+        {
+            "id": int, "at": float, "by": str, "action": str, "target": str,
+            "version": int, "detail": str,
+        },
+        pk="id",
+        not_null={"at", "by", "action"},
+    )  # fmt: skip
+    db["audit_log"].create_index(["at"], index_name="audit_log_at")
+
+
 _UPSERT_ALERT = (
     f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) "  # noqa: S608
     f"VALUES ({', '.join('?' for _ in ALERT_COLUMNS)}) "
@@ -275,7 +302,7 @@ class Store:
             )
             conn.executemany(
                 _UPSERT_STATE,
-                [(k, json.dumps(v)) for k, v in state.items() if v is not None],
+                [(k, _json(v)) for k, v in state.items() if v is not None],
             )
             conn.executemany(
                 _DELETE_STATE, [(k,) for k, v in state.items() if v is None]
@@ -330,8 +357,13 @@ class Store:
 
 
 def _event_row(event: Event, received_at: float) -> tuple[Any, ...]:
-    fields = json.dumps(event.fields) if event.fields else None
+    fields = _json(event.fields) if event.fields else None
     return (event.id, event.type, event.device, event.ts, received_at, fields)
+
+
+def _json(value: Any) -> str:
+    """JSON text for a column; orjson, because this runs for every event."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _alert_row(alert: Alert) -> tuple[Any, ...]:
@@ -341,7 +373,7 @@ def _alert_row(alert: Alert) -> tuple[Any, ...]:
         values[column] = int(values[column])
     for column in JSON_COLUMNS:
         if values[column] is not None:
-            values[column] = json.dumps(values[column])
+            values[column] = _json(values[column])
     return tuple(values[column] for column in ALERT_COLUMNS)
 
 

@@ -270,6 +270,10 @@ class Supervisor:
                 f"more than {self.broker_grace:g} s"
             )
         error = self._database_error(now)
+        trouble = self.gateway.trouble
+        if error is None and trouble is not None:
+            # A batch waits for its commit: the database refused it.
+            error = trouble["error"]
         if error is not None:
             problems.append(f"database not writable ({error})")
         return problems

@@ -154,6 +154,7 @@ class Engine:
         new_id: Callable[[], str],
         tz: tzinfo = UTC,
     ) -> None:
+        self._site = site
         self._clock = clock
         self._new_id = new_id
         self._tz = tz
@@ -169,8 +170,12 @@ class Engine:
                 self._by_role.setdefault(role, []).append(member)
 
         self._rules = {rule.name: rule for rule in rules if rule.enabled}
+        self._managed = dict(self._rules)
+        """Rules by which unresolved alerts escalate: the enabled ones, and
+        earlier definitions kept for alerts whose rule was removed or disabled."""
+
         self._timers = TimerQueue()
-        self._book = AlertBook(self._rules, self._timers, new_id, self._targets)
+        self._book = AlertBook(self._managed, self._timers, new_id, self._targets)
 
         self._counters: dict[tuple[str, str], Counter] = {}
         self._thresholds: dict[tuple[str, str], Threshold] = {}
@@ -214,22 +219,79 @@ class Engine:
     def pending_timers(self) -> int:
         return len(self._timers)
 
-    def restore(self, alerts: Iterable[Alert]) -> list[Alert]:
+    def restore(
+        self, alerts: Iterable[Alert], former: Iterable[RuleBase] = ()
+    ) -> list[Alert]:
         """Take back unresolved alerts from storage after a restart.
 
         Timers that fell due while the gateway was down fire at the next
-        :meth:`advance`, marked late. Returns the alerts it could not take
-        back because their rule is gone or disabled, for the caller to report.
+        :meth:`advance`, marked late. An alert whose rule is gone, disabled
+        or left without levels goes on under its definition in ``former``
+        (earlier rule sets, newest first): it escalates by the levels it had
+        and can be acknowledged and resolved, and the rule opens nothing new.
+        Returns the alerts it could not take back, for the caller to report.
         """
+        earlier: dict[str, RuleBase] = {}
+        for rule in former:
+            earlier.setdefault(rule.name, rule)
         orphans = []
         for alert in alerts:
             if not alert.unresolved:
                 continue
-            if alert.rule not in self._rules:
+            rule = self._rules.get(alert.rule)
+            if rule is None or not rule.levels:
+                rule = earlier.get(alert.rule)
+            if rule is None or not rule.levels:
                 orphans.append(alert)
                 continue
+            self._managed.setdefault(alert.rule, rule)
             self._book.restore(alert)
         return orphans
+
+    def handover(self, rules: Iterable[RuleBase]) -> Engine:
+        """A new engine running ``rules`` that carries on where this one stands.
+
+        Unresolved alerts keep their ids, levels and timers (level delays
+        count from the opening, so an escalation due in ten seconds still
+        fires then); counters, windows, thresholds, presence and silences
+        move across through :meth:`dump_state`; supervised devices keep the
+        time they were last heard. An alert whose rule is removed or
+        disabled goes on under the rule it had (see :meth:`restore`). State
+        of rules that are gone is dropped, and reported by
+        :meth:`take_dirty` so that storage drops it too.
+        """
+        successor = Engine(self._site, rules, self._clock, self._new_id, self._tz)
+        alerts = [alert.snapshot() for alert in self.alerts]
+        successor.restore(alerts, former=self._managed.values())
+        state = self.dump_state()
+        successor.load_state(state)
+        successor._carry_supervision(self)
+        successor._last_press.update(
+            (key, at)
+            for key, at in self._last_press.items()
+            if key[0] in successor._rules
+        )
+        gone = state.keys() - successor.dump_state().keys()
+        successor._dirty |= self._dirty | gone
+        return successor
+
+    def _carry_supervision(self, before: Engine) -> None:
+        """Keep when each supervised device was last heard, and which are silent."""
+        for key in list(self._last_heard):
+            rule = self._rules[key[0]]
+            assert isinstance(rule, SupervisionRule)
+            if key in before._silent:
+                # Already reported silent: no timer until it is heard again.
+                self._silent.add(key)
+                self._last_heard.pop(key)
+                self._timers.cancel(("silent", *key))
+                continue
+            heard = before._last_heard.get(key)
+            if heard is None:
+                continue
+            self._last_heard[key] = heard
+            if rule.heartbeat is not None:
+                self._timers.set(("silent", *key), heard + rule.heartbeat)
 
     # -- inputs ---------------------------------------------------------------
 
@@ -304,7 +366,7 @@ class Engine:
         alert = self._unresolved(alert_id)
         if staff is not None:
             self._known_staff(staff)
-        if self._rules[alert.rule].station_only:
+        if self._managed[alert.rule].station_only:
             raise StationOnly(alert.id, alert.priority)
         return self._close(alert, staff, via, self._clock())
 
@@ -784,7 +846,9 @@ class Engine:
         actions: list[Action] = []
         for composite in self._composites.get(rule.name, ()):
             holds = all(
-                self._holds(self._rules[name], zone, now) for name in composite.all
+                # A disabled condition does not hold.
+                name in self._rules and self._holds(self._rules[name], zone, now)
+                for name in composite.all
             )
             alert_id = self._book.by_key.get((composite.name, zone))
             if holds and alert_id is None and self._active(composite, now):
@@ -854,7 +918,7 @@ class Engine:
     ) -> list[Action]:
         """Resolve an alert; a closed count or feedback gap starts afresh."""
         actions: list[Action] = list(self._book.close(alert, staff, via, now, proof))
-        rule = self._rules[alert.rule]
+        rule = self._managed[alert.rule]
         if isinstance(rule, CountRule | FeedbackRule) and alert.subject is not None:
             self._forget(rule, alert.subject)
             actions.extend(

@@ -50,6 +50,10 @@ class StaffMember(StrictModel):
     """When this person is on duty; empty: always. Paging a role reaches the
     people of that role on duty now."""
 
+    recognition: bool = True
+    """False: the person is never named on the recognition board or a wall
+    display; their closures still count, anonymously, in their team's totals."""
+
 
 class Group(StrictModel):
     """Named people paged together, e.g. a rapid-response team."""

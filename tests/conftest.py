@@ -89,18 +89,22 @@ def start_gateway(
     """Factory: write a site file, start ``main.py run`` on it, wait for online.
 
     Keyword arguments go to :func:`tests.helpers.site_config`; ``site=`` gives
-    the whole configuration instead, ``web_port=`` a port of our choosing.
+    the whole configuration instead, ``web_port=`` a port of our choosing,
+    ``main_options=`` options of ``main.py`` before ``run``.
     """
     started: list[GatewayProcess] = []
 
     def start(
         site: dict[str, Any] | None = None,
         web_port: int | None = None,
+        main_options: tuple[str, ...] = (),
         **options: Any,
     ) -> GatewayProcess:
         config = site or site_config(topics.site, **options)
         site_file = write_site(tmp_path / f"{topics.site}.yaml", config)
-        gateway = GatewayProcess(site_file, broker, tmp_path, topics)
+        gateway = GatewayProcess(
+            site_file, broker, tmp_path, topics, options=list(main_options)
+        )
         if web_port is not None:
             gateway.web_port = web_port
         attach_log(request, "gateway log", gateway.log_path)

@@ -381,6 +381,8 @@ class GatewayProcess:
     web_port: int = field(init=False)
     log_path: Path = field(init=False)
     process: subprocess.Popen[bytes] | None = field(init=False, default=None)
+    options: list[str] = field(default_factory=list)
+    """Options of ``main.py`` itself, before ``run`` (``--log-format json``)."""
 
     def __post_init__(self) -> None:
         self.db_path = self.folder / "gw.db"
@@ -405,7 +407,8 @@ class GatewayProcess:
             log.write(f"----- gateway started at {time.strftime('%X')}\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                [sys.executable, str(MAIN), "run", "--config", str(self.site_file)],
+                [sys.executable, str(MAIN), *self.options]
+                + ["run", "--config", str(self.site_file)],
                 cwd=ROOT,
                 env=self.environ(),
                 stdout=log,

@@ -163,7 +163,9 @@ FORBIDDEN = {
         "{s}/devices/call-2/events", "{s}/devices/call-2/sightings",
         "{s}/devices/call-2/status", "{s}/devices/call-2/esphome/x/state",
         "{s}/devices/call-1/availability", "{s}/devices/call-1/commands",
-        "{s}/alerts/a-1", "{s}/alerts/a-1/ack", "{s}/alerts/a-1/resolve",
+        "{s}/devices/call-2/light", "{s}/devices/call-1/light",
+        "{s}/devices/call-2/test", "{s}/alerts/a-1", "{s}/alerts/a-1/ack",
+        "{s}/alerts/a-1/resolve",
         "{s}/staff/ana/ack", "{s}/pagers/nurse", "{s}/silences",
         "{s}/silences/s-1", "{s}/zones/west/kudos", "{s}/polls/p-1/answer",
         "{s}/polls/p-1/result", "{s}/gateways/gw-1/status",
@@ -222,6 +224,8 @@ def gateway_topics(site: str) -> list[str]:
         names.pager("nurse"),
         names.pager("ana"),
         names.availability("call-1"),
+        names.device_light("call-1"),
+        names.device_test("call-1"),
         names.silence("s-1"),
         names.kudos("west"),
         names.poll_result("p-1"),
@@ -262,7 +266,7 @@ def test_each_role_publishes_only_its_own_topics(login, topics, user):
 READERS = {
     "call-1": {
         "alerts/a-1", "alerts/a-1/ack", "devices/call-1/availability",
-        "devices/call-1/events",
+        "devices/call-1/events", "devices/call-1/light",
     },
     "ana": {"alerts/a-1", "alerts/a-1/ack", "pagers/ana", "pagers/nurse"},
     "wall-1": {
@@ -279,6 +283,8 @@ WRITES = [
     ("gateway", "pagers/nurse"),
     ("gateway", "devices/call-1/availability"),
     ("gateway", "devices/call-2/availability"),
+    ("gateway", "devices/call-1/light"),
+    ("gateway", "devices/call-2/light"),
     ("gateway", "silences/s-1"),
     ("gateway", "zones/west/kudos"),
     ("gateway", "polls/p-1/result"),

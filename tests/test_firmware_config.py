@@ -28,9 +28,11 @@ import yaml
 
 from drivers.mqtt_device import parse_event
 from drivers.presence import canonical_badge_id, eddystone_id, ibeacon_id
-from gateway.contract import pager_payload
+from gateway.contract import Topics, pager_payload
 from gateway.polls import Poll, Question, parse_answer
+from gateway.web.devices import TEST_SECONDS
 from rules.alerts import AlertState, Notification
+from rules.dome import LIGHTS
 from rules.lifecycle import PAGING
 from rules.schema import FeedbackRule
 
@@ -957,6 +959,7 @@ int main() {
       message = JsonObjectConst();
       if (g_start_buzz) g_buzzing = true;
       if (g_stop_buzz) g_buzzing = false;
+      if (g_test_tick) std::cout << "tick" << std::endl;
     } else if (p[0] == "hold" && poll_shown()) {
       if (answer_ok()) {
         std::cout << answer_topic() << " ";
@@ -1238,6 +1241,61 @@ def test_pager_forgets_a_closed_round(tmp_path: Path) -> None:
     assert "POLL" in out[5]
 
 
+@needs_gxx
+def test_pager_shows_a_test_page_briefly(tmp_path: Path) -> None:
+    """A test page pulses once and shows a moment; it is never an alert."""
+    h = pager_harness()
+    staff = h.subs["staff_id"]
+    # What the devices page sends (gateway/web/devices.py, pager_test).
+    test_page = json.dumps(
+        {
+            "id": "test-0123456789ab",
+            "test": True,
+            "reason": "test",
+            "target": staff,
+            "alert": None,
+            "text": "TEST page for Ana Silva from tech-1: no action needed",
+            "at": 1767225600.25,
+        }
+    ).encode()
+    acked = {"state": AlertState.ACKNOWLEDGED, "acked_by": staff}
+    commands = [
+        # 0-4: a pulse; nothing held, nothing buzzing; shown for 10 s.
+        "clock\t1000", *notice(test_page), "state", "draw",
+        "clock\t10999", "draw", "clock\t11000", "draw",
+        # 5-7: an open call is never hidden by a test page.
+        "clock\t20000", *notice(fake_change("a1", 1, "opened")),
+        *notice(test_page), "draw",
+        # 8-11: over an acknowledged call it shows, and a press of either
+        # button only puts it away: no ack, no resolve is sent.
+        *notice(fake_change("a1", 2, "acknowledged", **acked)),
+        *notice(test_page), "draw", "ack", "draw",
+        *notice(test_page), "hold", "draw",
+    ]  # fmt: skip
+    out = iter(h.run(tmp_path, PAGER_MAIN, commands))
+    assert next(out) == "tick"
+    assert next(out) == "- 0 0 - 0"
+    for _ in range(2):
+        screen = next(out)
+        assert "0,0:TEST" in screen
+        assert "0,36:action needed" in screen
+    assert "TEST" not in next(out)
+    assert next(out) == "tick"  # the test page, under the open call
+    screen = next(out)
+    assert "TEST" not in screen
+    assert "ROUTINE L1" in screen
+    assert next(out) == "tick"
+    assert "0,0:TEST" in next(out)
+    assert next(out).startswith("- ")  # ack: nothing sent
+    assert "acknowledged" in next(out)  # a1 is back on the display
+    assert next(out) == "tick"
+    assert next(out).startswith("- ")  # hold: no resolve sent
+    screen = next(out)
+    assert "TEST" not in screen
+    assert "acknowledged" in screen
+    assert next(out, None) is None
+
+
 QUEUE_MAIN = r"""
 int main() {
   press_queue::PressQueue<4> queue;
@@ -1335,14 +1393,15 @@ int main() {
 def queued_device(name: str) -> Harness:
     """A button device's press queue as the YAML wires it, on the stubs."""
     h = Harness(name)
-    assert h.config["esphome"]["includes"] == ["include/press_queue.h"]
+    assert "include/press_queue.h" in h.config["esphome"]["includes"]
     mqtt = h.config["mqtt"]
     assert mqtt["id"] == "mqtt_client"
     assert mqtt["on_connect"] == [{"script.execute": "send_presses"}]
     h.function("static void on_connect()", "send_presses();")
     (on_disconnect,) = mqtt["on_disconnect"]
     h.function("static void on_disconnect()", on_disconnect["lambda"])
-    (interval,) = h.config["interval"]
+    send_every = [i for i in h.config["interval"] if "script.execute" in i["then"][0]]
+    (interval,) = send_every
     assert interval["then"] == [{"script.execute": "send_presses"}]
     (dropped,) = h.config["sensor"]
     h.function("static float dropped()", dropped["lambda"])
@@ -1458,6 +1517,117 @@ def test_feedback_terminal_keeps_presses_while_offline(tmp_path: Path) -> None:
     assert [e.fields["score"] for e in events] == scores
     assert {e.type for e in events} == {"feedback"}
     assert len({e.id for e in events}) == len(scores)
+
+
+DOME_MAIN = r"""
+int main() {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    auto p = split(line);
+    if (p[0] == "clock") fake_millis = std::stoul(p[1]);
+    else if (p[0] == "light") on_light(p.size() > 1 ? p[1] : "");
+    else if (p[0] == "test") {
+      JsonObjectConst x;
+      x.strings["test"] = p[1];
+      if (p.size() > 2) x.doubles["seconds"] = std::stod(p[2]);
+      on_test(x);
+    } else if (p[0] == "press") {
+      press_queue::Press press;
+      press.id = p[1];
+      press_queue::presses().add(press);
+    } else if (p[0] == "sent") {
+      press_queue::presses().handed_over(fake_millis);
+    } else if (p[0] == "lamp") {
+      update_dome();
+      std::cout << dome_lamp_.on << std::endl;
+    }
+  }
+}
+"""
+
+
+def dome_harness() -> Harness:
+    """The call station's dome as the YAML wires it: subscriptions and lamp."""
+    h = Harness("call-station.yaml")
+    h.parts.append(
+        "struct Lamp { bool on = false;"
+        " void turn_on() { on = true; } void turn_off() { on = false; } };"
+        "static Lamp dome_lamp_; [[maybe_unused]] static Lamp *dome_lamp = &dome_lamp_;"
+        "\n"
+        '#define ESP_LOGW(tag, ...) (std::cout << "warn" << std::endl)'
+    )
+    mqtt = h.config["mqtt"]
+    (light,) = mqtt["on_message"]
+    (test,) = mqtt["on_json_message"]
+    h.function("static void on_light(std::string x)", light["then"][0]["lambda"])
+    h.function(
+        "static void on_test(const JsonObjectConst &x)", test["then"][0]["lambda"]
+    )
+    (lamp,) = [i for i in h.config["interval"] if "lambda" in i["then"][0]]
+    h.function("static void update_dome()", lamp["then"][0]["lambda"])
+    return h
+
+
+def test_call_station_reads_the_gateways_light_topics() -> None:
+    """The topics and words the gateway publishes, as gateway/contract.py names them."""
+    config = by_name("call-station.yaml")
+    subs = config["substitutions"]
+    names = Topics(subs["site"], "gw")
+    (light,) = config["mqtt"]["on_message"]
+    (test,) = config["mqtt"]["on_json_message"]
+    assert substitute(light["topic"], subs) == names.device_light(subs["device_id"])
+    assert substitute(test["topic"], subs) == names.device_test(subs["device_id"])
+    assert (light["qos"], test["qos"]) == (1, 1)
+    header = (INCLUDE / "dome_light.h").read_text()
+    assert {f'word == "{word}"' for word in LIGHTS} <= set(
+        re.findall(r'word == "\w+"', header)
+    )
+
+
+@needs_gxx
+def test_call_station_dome_follows_the_gateway(tmp_path: Path) -> None:
+    h = dome_harness()
+    test_seconds = str(TEST_SECONDS)  # what the devices page sends
+    commands = [
+        # 0-1: off; on.
+        "clock\t1000", "lamp", "light\ton", "lamp",
+        # 2-7: blinking from the moment it is told, 0.5 s on, 0.5 s off;
+        # the same word again (a redelivery) keeps the rhythm.
+        "clock\t2000", "light\tblink", "lamp", "clock\t2499", "lamp",
+        "clock\t2500", "lamp", "clock\t2600", "light\tblink", "lamp",
+        "clock\t2999", "lamp", "clock\t3000", "lamp",
+        # 8-10: a 5 s test lights it steadily; meanwhile the call is
+        # acknowledged and then resolved; after the test it shows off.
+        "clock\t3100", f"test\tlight\t{test_seconds}", "clock\t3600", "lamp",
+        "light\ton", "clock\t5000", "light\toff", "clock\t8099", "lamp",
+        "clock\t8100", "lamp",
+        # 11: another kind of test is not ours; an unknown word changes
+        # nothing (a warning is logged).
+        "test\tbuzzer\t5", "lamp", "light\tblink", "light\tpurple",
+        # 12-15: a test without seconds lasts 5 s; one of an hour, 60 s.
+        "clock\t20000", "light\toff", "test\tlight", "clock\t24999", "lamp",
+        "clock\t25000", "lamp",
+        "clock\t30000", "test\tlight\t3600", "clock\t89999", "lamp",
+        "clock\t90000", "lamp",
+        # 16-19: a press not yet sent flashes 0.25 s every 2 s while off.
+        "press\tp1", "clock\t100000", "lamp", "clock\t100249", "lamp",
+        "clock\t100250", "lamp", "clock\t101999", "lamp",
+        # 20-21: once the gateway says on, it is steady; handed over and off,
+        # it is dark. 22: an empty (cleared) retained state is off.
+        "light\ton", "lamp", "sent", "light\toff", "clock\t102000", "lamp",
+        "light\ton", "light\t", "lamp",
+    ]  # fmt: skip
+    out = h.run(tmp_path, DOME_MAIN, commands)
+    lamp = [line for line in out if line != "warn"]
+    assert out.count("warn") == 1
+    assert lamp[0:2] == ["0", "1"]
+    assert lamp[2:8] == ["1", "1", "0", "0", "0", "1"]
+    assert lamp[8:11] == ["1", "1", "0"]
+    assert lamp[11] == "0"
+    assert lamp[12:16] == ["1", "0", "1", "0"]
+    assert lamp[16:20] == ["1", "1", "0", "0"]
+    assert lamp[20:23] == ["1", "0", "0"]
+    assert len(lamp) == 23
 
 
 # -- esphome itself, where it is installed ------------------------------------------

@@ -413,9 +413,9 @@ def test_the_strongest_alert_of_a_device_sets_its_light(
     assert (shown(), light.state) == ("off", True)  # active low: high is off
     show(alert("escalated", "a1"))
     show(alert("open", "a2"))
-    assert shown() == "blinking"
+    assert shown() == "blink"
     show(alert("resolved", "a2"))
-    assert shown() == "blinking"
+    assert shown() == "blink"
     show(alert("acknowledged", "a1"))
     assert (shown(), light.state) == ("on", False)
     show(alert("escalated", "a9", device="call-999"))  # another device: no light

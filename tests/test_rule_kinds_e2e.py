@@ -6,6 +6,7 @@ topics, and the test reads what displays and pagers would see.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -123,8 +124,13 @@ def test_counter_survives_a_restart(start_gateway, mqtt, topics):
     key = "count/visits/restroom"
     wait_until(
         lambda: (
-            gateway.query("SELECT value FROM engine_state WHERE key = ?", key)
-            == [{"value": '{"count": 2, "times": []}'}]
+            [
+                json.loads(row["value"])
+                for row in gateway.query(
+                    "SELECT value FROM engine_state WHERE key = ?", key
+                )
+            ]
+            == [{"count": 2, "times": []}]
         ),
         what="the count of two visits in the database",
     )

@@ -100,6 +100,7 @@ async function start() {
   document.getElementById("me").textContent =
     `${me.name} (${me.role}${me.staff ? ", " + me.staff : ""})`;
   document.getElementById("accounts-link").hidden = me.role !== "technician";
+  document.getElementById("rules-link").hidden = me.role !== "technician";
   gw.live("/api/stream", {
     check: "/api/session",
     state(connected, why) {
@@ -114,6 +115,8 @@ async function start() {
       document.getElementById("silence-zone").replaceChildren(
         ...Object.entries(site.zones).map(([id, name]) => el("option", {value: id}, name)));
       alerts = new Map(body.alerts.map(a => [a.id, a]));
+      // /alerts#<id> (a link from the devices page) opens that alert's timeline.
+      if (!shown && location.hash.length > 1) shown = decodeURIComponent(location.hash.slice(1));
       renderOpen();
       refresh();
     },

@@ -19,7 +19,8 @@ from fastapi.responses import RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, model_validator
 
-from gateway import credit
+from gateway import audit, credit
+from gateway.recognition import board as named_board
 from gateway.store import alert_record
 from gateway.web.auth import (
     DISPLAY_COOKIE,
@@ -169,15 +170,17 @@ async def alert_detail(
 @router.get("/api/recognition")
 async def recognition(request: Request, who: Supervisor) -> dict[str, Any]:
     """Per person and team, today and this week: gaps closed, response, kudos."""
-    return await asyncio.to_thread(_recognition, _gateway(request))
+    return await asyncio.to_thread(read_recognition, _gateway(request))
 
 
-def _recognition(gateway: Gateway) -> dict[str, Any]:
+def read_recognition(gateway: Gateway) -> dict[str, Any]:
     # A connection of its own: this runs in a worker thread, off the loop.
     conn = credit.open_reader(gateway.config.database.path)
     try:
         tz = ZoneInfo(gateway.config.site.timezone)
-        return credit.recognition_summary(conn, gateway.credit_site, tz, time.time())
+        summary = credit.recognition_summary(conn, gateway.credit_site, tz, time.time())
+        # Opted-out people are named on no page, this API included.
+        return named_board(summary, gateway.config.staff)
     finally:
         conn.close()
 
@@ -251,8 +254,9 @@ async def silence(
     """Hold back pages for one device or zone for some minutes, with a reason.
 
     Emergency and code calls are never held back."""
-    return await run_command(
-        _gateway(request),
+    gateway = _gateway(request)
+    done = await run_command(
+        gateway,
         "silence",
         None,
         staff=who.staff,
@@ -262,6 +266,11 @@ async def silence(
         device=form.device,
         zone=form.zone,
     )
+    detail = form.model_dump(exclude_none=True)
+    audit.record_now(
+        gateway.store.db, who.name, "silence", target=done["silence"], detail=detail
+    )
+    return done
 
 
 @router.delete("/api/silences/{silence_id}")
@@ -271,4 +280,6 @@ async def unsilence(
     gateway = _gateway(request)
     if silence_id not in {s.id for s in gateway.engine.silences}:
         raise HTTPException(404, f"no active silence {silence_id!r}")
-    return await run_command(gateway, "unsilence", silence_id)
+    done = await run_command(gateway, "unsilence", silence_id)
+    audit.record_now(gateway.store.db, who.name, "end silence", target=silence_id)
+    return done

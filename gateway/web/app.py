@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
-from gateway import metrics
-from gateway.web import admin, alerts, pager, signin
+from gateway import health, metrics
+from gateway.web import admin, alerts, devices, pager, rules, signin
 from gateway.web.accounts import Accounts
 from gateway.web.auth import Gate, NotSignedIn, Supervisor
 from gateway.web.live import LiveHub
@@ -56,6 +58,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     app.state.gate = Gate(gateway, Accounts(gateway.store.db))
     app.state.hub = LiveHub(gateway)
+    app.state.dry_run_lock = asyncio.Lock()  # one dry run at a time
     app.add_exception_handler(NotSignedIn, _not_signed_in)
 
     # Every endpoint is ``async def``: it then runs on the gateway's own loop,
@@ -64,8 +67,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:
         """Liveness for the service manager and installer: open, no sign-in."""
+        status = "ok" if gateway.link.connected else "degraded"
         return {
-            "status": "ok" if gateway.link.connected else "degraded",
+            # "trouble": the database refuses commits, so alerting waits.
+            "status": "trouble" if gateway.trouble else status,
+            "trouble": gateway.trouble,
             "broker_connected": gateway.link.connected,
             "open_alerts": len(gateway.engine.alerts),
             "events_accepted": gateway.accepted,
@@ -74,6 +80,8 @@ def create_app(gateway: Gateway) -> FastAPI:
             "drivers": {d.name: dict(d.health()) for d in gateway.drivers},
             "upstream": gateway.sender.status(),
             "web": {"live_streams": app.state.hub.streams},
+            # Broker link since, disk, clock, loop lag, uptime: counts only.
+            "gateway": health.gateway_health(gateway, time.time()),
         }
 
     @app.get("/metrics", tags=["health"], response_class=Response)
@@ -95,7 +103,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise HTTPException(404, f"no asset {name!r}")
         return FileResponse(path, media_type=media_type, headers=HEADERS)
 
-    for part in (signin, admin, alerts, pager):
+    for part in (signin, admin, alerts, pager, devices, rules):
         app.include_router(part.router)
     return app
 

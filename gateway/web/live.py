@@ -10,7 +10,6 @@ reconnects and starts again from a fresh snapshot.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi.sse import ServerSentEvent
 
-from gateway.contract import pager_payload
+from gateway.contract import pager_body
 from gateway.store import alert_record
 from rules.alerts import Change
 
@@ -129,7 +128,7 @@ class LiveHub:
             record["change"] = change.kind
             updates.append(("alert", record))
             for note in change.notifications:
-                pages.append(json.loads(pager_payload(change, note)))
+                pages.append(pager_body(change, note))
         self._recent.extend(pages)
         for stream in list(self._streams):
             for update in updates:
