@@ -109,6 +109,9 @@ case "${1:-}" in
         say "Lint (shellcheck)"
         shellcheck run.sh install/*.sh
         say "Tests (pytest)"
+        # The browser tests' screenshots are kept here, for CI to collect.
+        export GATEWAY_TEST_ARTIFACTS="${GATEWAY_TEST_ARTIFACTS:-$PWD/test-artifacts}"
+        echo "Browser screenshots go to $GATEWAY_TEST_ARTIFACTS/browser"
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

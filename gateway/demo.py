@@ -164,6 +164,12 @@ async def _run_facility(
         config.web.admin_user,
         password,
     )
+    base = f"http://{config.web.host}:{config.web.port}"
+    log.info(
+        "Pages: %s/ floor, %s/alerts, %s/rules, %s/devices, %s/recognition, "
+        "%s/pager (staff)",
+        *(base,) * 6,
+    )
     companions = [facility.run()]
     if duration is not None:
         companions.append(_stop_after(duration))
