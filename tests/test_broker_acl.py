@@ -266,7 +266,7 @@ def test_each_role_publishes_only_its_own_topics(login, topics, user):
 READERS = {
     "call-1": {
         "alerts/a-1", "alerts/a-1/ack", "devices/call-1/availability",
-        "devices/call-1/events", "devices/call-1/light",
+        "devices/call-1/events", "devices/call-1/light", "gateways/gw-1/status",
     },
     "ana": {"alerts/a-1", "alerts/a-1/ack", "pagers/ana", "pagers/nurse"},
     "wall-1": {
@@ -314,6 +314,31 @@ def test_each_role_reads_only_its_own_topics(login, topics):
         reader.wait_for(on_topic(last), what=f"the last alert, read by {user}")
         got = {m.topic.removeprefix(base) for m in reader.messages if m.topic != last}
         assert got == expected[user], user
+
+
+def test_a_device_reads_the_gateways_status_and_cannot_change_it(login, topics):
+    """Our call stations wait for the retained ``online``; a device cannot fake it."""
+    gateways = f"facility/{topics.site}/gateways/+/status"
+    login("gateway").publish(topics.status, "online", retain=True)
+    station = login("call-1", gateways, topics.alerts)
+    station.wait_for(on_topic(topics.status), what="the retained status")
+
+    # A device saying the gateway is offline, or speaking for another
+    # gateway, is dropped; the retained status stays the gateway's own. The
+    # sentinel on alerts/+, which devices read, comes after anything leaked.
+    other = f"facility/{topics.site}/gateways/gw-2/status"
+    for topic in (topics.status, other):
+        login("call-2").publish(topic, "offline", retain=True)
+    sentinel(login, topics, station)
+    later = login("call-2", gateways, topics.alerts)
+    sentinel(login, topics, later)
+    for reader in (station, later):
+        got = [
+            (m.topic, m.payload, m.retain)
+            for m in reader.messages
+            if "/gateways/" in m.topic
+        ]
+        assert got == [(topics.status, b"online", True)]
 
 
 # -- the site network: TLS and WebSockets --------------------------------------------

@@ -1321,6 +1321,9 @@ int main() {
       std::cout << (sent.empty() ? "-" : sent) << std::endl;
     } else if (p[0] == "lost") {
       queue.connection_lost();
+    } else if (p[0] == "status") {
+      // The gateway's retained status topic, as the device receives it.
+      queue.gateway_status(p.size() > 2 ? p[2] : "");
     } else if (p[0] == "backdate") {
       queue.backdate(std::stoul(p[2]), now);
     } else if (p[0] == "count") {
@@ -1339,9 +1342,10 @@ def test_press_queue_keeps_order_and_counts_drops(tmp_path: Path) -> None:
     out = iter(h.run(tmp_path, QUEUE_MAIN, [
         # Six presses while offline: the two oldest give way and count.
         *(f"add\t{1000 * n}\tp{n}\t{100 + n}" for n in range(6)), "count",
-        "send\t6000", "count",
-        # The link drops within the confirm window: all four again, in order.
-        "lost", "send\t7000",
+        "status\t6000\tonline", "send\t6000", "count",
+        # The link drops within the confirm window: all four again, in order,
+        # once the gateway's `online` has come again.
+        "lost", "status\t7000\tonline", "send\t7000",
         # Full again: a press already handed over gives way without counting.
         "add\t7500\tp6\t106", "count",
         # After the window on an unbroken link, the broker surely has them.
@@ -1368,6 +1372,51 @@ def test_press_queue_keeps_order_and_counts_drops(tmp_path: Path) -> None:
     assert next(out) == "q3:1999999997 "
 
 
+@needs_gxx
+def test_press_queue_waits_for_the_gateways_online(tmp_path: Path) -> None:
+    """Presses go only while the gateway's last status seen is ``online``."""
+    h = Harness("call-station.yaml")
+    out = iter(h.run(tmp_path, QUEUE_MAIN, [
+        # 0-2. Connected, but no status yet (a restarted broker holds none
+        # until the gateway has subscribed again): nothing goes.
+        "add\t1000\tp1\t101", "add\t2000\tp2\t102", "send\t3000", "count",
+        "status\t3500\ttrouble", "send\t4000",
+        # 3-4. `online`: both, in order; then a new press at once.
+        "status\t5000\tonline", "send\t5000",
+        "add\t6000\tp3\t103", "send\t6000",
+        # 5-7. `offline` within the confirm window: all three are taken back
+        # and held; a press meanwhile waits behind them.
+        "status\t20000\toffline", "count", "send\t20000",
+        "add\t21000\tp4\t104", "count",
+        # 8. `online` again: the same ids, in order, then the new press.
+        "status\t22000\tonline", "send\t22000",
+        # 9-10. 30 s of `online` on an unbroken link: confirmed and forgotten,
+        # so a later `offline` and `online` send nothing again.
+        "send\t52000", "count", "status\t53000\toffline",
+        "status\t54000\tonline", "send\t54000",
+        # 11-12. The device's own link drops: `online` from before does not
+        # count; it waits for the retained `online` after reconnecting.
+        "add\t55000\tp5\t105", "lost", "send\t56000",
+        "status\t57000\tonline", "send\t57000",
+    ]))  # fmt: skip
+    assert next(out) == "30000"
+    assert next(out) == "-"
+    assert next(out) == "2 2 0"
+    assert next(out) == "-"  # trouble holds too
+    assert next(out) == "p1:101 p2:102 "
+    assert next(out) == "p3:103 "
+    assert next(out) == "3 3 0"
+    assert next(out) == "-"
+    assert next(out) == "4 4 0"
+    assert next(out) == "p1:101 p2:102 p3:103 p4:104 "
+    assert next(out) == "-"
+    assert next(out) == "0 0 0"
+    assert next(out) == "-"
+    assert next(out) == "-"
+    assert next(out) == "p5:105 "
+    assert next(out, None) is None
+
+
 CALL_STATION_MAIN = r"""
 int main() {
   std::string line;
@@ -1380,7 +1429,17 @@ int main() {
     else if (p[0] == "connected") {
       mqtt_.connected = p[1] == "1";
       if (mqtt_.connected) on_connect(); else on_disconnect();
+      // The broker hands a subscriber the retained status, if it holds one.
+      if (mqtt_.connected && !retained_status.empty()) on_status(retained_status);
     }
+    // The gateway publishes its retained status: delivered if connected.
+    else if (p[0] == "gateway") {
+      retained_status = p.size() > 1 ? p[1] : "";
+      if (mqtt_.connected) on_status(retained_status);
+    }
+    // The broker restarts: it holds no retained status until the gateway
+    // has subscribed again and says so.
+    else if (p[0] == "restart") retained_status = "";
     else if (p[0] == "press") press(p[1]);
     else if (p[0] == "tick") send_presses();
     else if (p[0] == "dropped") std::cout << "dropped " << dropped() << std::endl;
@@ -1397,9 +1456,19 @@ def queued_device(name: str) -> Harness:
     mqtt = h.config["mqtt"]
     assert mqtt["id"] == "mqtt_client"
     assert mqtt["on_connect"] == [{"script.execute": "send_presses"}]
+    h.parts.append("static void send_presses();")
     h.function("static void on_connect()", "send_presses();")
     (on_disconnect,) = mqtt["on_disconnect"]
     h.function("static void on_disconnect()", on_disconnect["lambda"])
+    names = Topics(h.subs["site"], h.subs["gateway_id"])
+    assert substitute(gateway_status(h.config)["topic"], h.subs) == names.status
+    (on_status, then_send) = gateway_status(h.config)["then"]
+    assert then_send == {"script.execute": "send_presses"}
+    h.parts.append("static std::string retained_status;")
+    h.function("static void gateway_said(std::string x)", on_status["lambda"])
+    h.parts.append(
+        "static void on_status(std::string x) { gateway_said(x); send_presses(); }"
+    )
     send_every = [i for i in h.config["interval"] if "script.execute" in i["then"][0]]
     (interval,) = send_every
     assert interval["then"] == [{"script.execute": "send_presses"}]
@@ -1407,9 +1476,16 @@ def queued_device(name: str) -> Harness:
     h.function("static float dropped()", dropped["lambda"])
     send = script(h.config, "send_presses")
     (step,) = send["then"]
-    h.parts.insert(-3, "static void send_presses();")
     h.function("static void send_presses()", step["lambda"])
     return h
+
+
+def gateway_status(config: dict[str, Any]) -> dict[str, Any]:
+    """The device's subscription to the gateway's retained status."""
+    messages = config["mqtt"]["on_message"]
+    (found,) = [m for m in messages if "/gateways/" in m["topic"]]
+    assert found["qos"] == 1
+    return found
 
 
 def published(lines: list[str], device: str, site: str) -> list[list[Any]]:
@@ -1430,16 +1506,42 @@ def published(lines: list[str], device: str, site: str) -> list[list[Any]]:
     return steps[:-1]
 
 
-@needs_gxx
-def test_call_station_keeps_presses_while_offline(tmp_path: Path) -> None:
+def call_station() -> tuple[Harness, str]:
+    """The call station's queue, and a main whose ``press`` runs its buttons' script."""
     h = queued_device("call-station.yaml")
     record = script(h.config, "record_press")
     assert record["then"][1] == {"script.execute": "send_presses"}
     h.function(f"static void press({parameters(record)})", record["then"][0]["lambda"])
     h.parts.append("static void pressed(std::string t) { press(t); send_presses(); }")
-    main = CALL_STATION_MAIN.replace("press(p[1])", "pressed(p[1])")
+    return h, CALL_STATION_MAIN.replace("press(p[1])", "pressed(p[1])")
+
+
+def feedback_terminal() -> tuple[Harness, str]:
+    """The feedback terminal's queue, and a main whose ``press`` is a smiley's."""
+    h = queued_device("feedback-terminal.yaml")
+    feedback = script(h.config, "send_feedback")
+    step = feedback["then"][0]["if"]
+    assert step["then"][1:] == [
+        {"script.execute": "send_presses"},
+        {"script.execute": "thank_you"},
+    ]
+    params = parameters(feedback)
+    h.function(f"static bool taken({params})", step["condition"]["lambda"])
+    h.function(f"static void record({params})", step["then"][0]["lambda"])
+    h.parts.append(
+        "static void press(std::string s) {"
+        " if (taken(s)) { record(s); send_presses(); } }"
+    )
+    return h, CALL_STATION_MAIN
+
+
+@needs_gxx
+def test_call_station_keeps_presses_while_offline(tmp_path: Path) -> None:
+    h, main = call_station()
     site, device = h.subs["site"], h.subs["device_id"]
     commands = [
+        # The gateway is up: its retained `online` is on the broker.
+        "gateway\tonline",
         # 0-1. Online: a press goes at once.
         "clock\t1000", "press\tcall",
         # 2-8. Wi-Fi down after a reboot, so no clock either: a call and a
@@ -1460,7 +1562,8 @@ def test_call_station_keeps_presses_while_offline(tmp_path: Path) -> None:
         *(f"press\t{'call' if n % 2 else 'cancel'}" for n in range(40)),
         "dropped", "connected\t1",
     ]  # fmt: skip
-    steps = published(h.run(tmp_path, main, commands), device, site)
+    gateway_online, *steps = published(h.run(tmp_path, main, commands), device, site)
+    assert gateway_online == []
     assert [(e.type, e.ts) for e in steps[1]] == [("call", 1767225600)]
     assert steps[2:12] == [[]] * 10  # offline: nothing
     back = steps[12]
@@ -1488,35 +1591,68 @@ def test_call_station_keeps_presses_while_offline(tmp_path: Path) -> None:
 
 @needs_gxx
 def test_feedback_terminal_keeps_presses_while_offline(tmp_path: Path) -> None:
-    h = queued_device("feedback-terminal.yaml")
-    feedback = script(h.config, "send_feedback")
-    step = feedback["then"][0]["if"]
-    assert step["then"][1:] == [
-        {"script.execute": "send_presses"},
-        {"script.execute": "thank_you"},
-    ]
-    params = parameters(feedback)
-    h.function(f"static bool taken({params})", step["condition"]["lambda"])
-    h.function(f"static void record({params})", step["then"][0]["lambda"])
-    h.parts.append(
-        "static void press(std::string s) {"
-        " if (taken(s)) { record(s); send_presses(); } }"
-    )
+    h, main = feedback_terminal()
     site, device = h.subs["site"], h.subs["device_id"]
     lockout = int(h.subs["lockout_ms"])
     scores = sorted(SCORES)
-    commands = ["connected\t0"]
+    commands = ["gateway\tonline", "connected\t0"]
     for n, score in enumerate(scores):
         commands += [f"clock\t{1000 + n * lockout}", f"press\t{score}"]
     # A second press within the lockout is not a vote.
     commands += [f"clock\t{1000 + len(scores) * lockout - 1}", f"press\t{scores[0]}"]
     commands += ["connected\t1"]
-    steps = published(h.run(tmp_path, CALL_STATION_MAIN, commands), device, site)
+    steps = published(h.run(tmp_path, main, commands), device, site)
     assert all(step == [] for step in steps[:-1])
     events = steps[-1]
     assert [e.fields["score"] for e in events] == scores
     assert {e.type for e in events} == {"feedback"}
     assert len({e.id for e in events}) == len(scores)
+
+
+@needs_gxx
+@pytest.mark.parametrize("device", ["call-station.yaml", "feedback-terminal.yaml"])
+def test_presses_wait_for_the_gateways_online(tmp_path: Path, device: str) -> None:
+    """A broker restart: nothing goes until the gateway has subscribed again."""
+    station = device == "call-station.yaml"
+    h, main = call_station() if station else feedback_terminal()
+    word, kind = ("call", "call") if station else ("happy", "feedback")
+    # Presses further apart than the feedback terminal's lockout.
+    apart = int(h.subs.get("lockout_ms", 0)) + 1000
+
+    def press(n: int) -> list[str]:
+        return [f"clock\t{n * apart}", f"press\t{word}"]
+
+    commands = [
+        # 0-2. The gateway is up; a press goes at once.
+        "gateway\tonline", *press(1),
+        # 3-10. The broker restarts: it holds no status, so after the
+        # reconnect the press taken back and two new ones wait, through a
+        # retry too.
+        "connected\t0", "restart", "connected\t1", *press(2), *press(3), "tick",
+        # 11-12. The gateway is back but cannot commit: still held.
+        "gateway\ttrouble", "tick",
+        # 13. It says `online`, after subscribing: all three, in order.
+        "gateway\tonline",
+        # 14-17. It goes `offline` within the confirm window: held, and the
+        # three taken back go again under their ids, with the one pressed
+        # meanwhile after them.
+        "gateway\toffline", *press(4), "gateway\tonline",
+    ]  # fmt: skip
+    site, name = h.subs["site"], h.subs["device_id"]
+    steps = published(h.run(tmp_path, main, commands), name, site)
+    assert len(steps) == 18
+    (first,) = steps[2]
+    assert first.type == kind
+    assert steps[3:13] == [[]] * 10
+    back = steps[13]
+    assert [e.type for e in back] == [kind] * 3
+    assert back[0].id == first.id
+    assert len({e.id for e in back}) == 3
+    assert steps[14:17] == [[]] * 3
+    again = steps[17]
+    assert [e.id for e in again[:3]] == [e.id for e in back]
+    assert len(again) == 4
+    assert again[3].id not in {e.id for e in back}
 
 
 DOME_MAIN = r"""
@@ -1537,6 +1673,8 @@ int main() {
       press_queue::presses().add(press);
     } else if (p[0] == "sent") {
       press_queue::presses().handed_over(fake_millis);
+    } else if (p[0] == "gateway") {
+      press_queue::presses().gateway_status(p[1]);
     } else if (p[0] == "lamp") {
       update_dome();
       std::cout << dome_lamp_.on << std::endl;
@@ -1544,6 +1682,13 @@ int main() {
   }
 }
 """
+
+
+def dome_state(config: dict[str, Any]) -> dict[str, Any]:
+    """The call station's subscription to its dome's retained state."""
+    messages = config["mqtt"]["on_message"]
+    (light,) = [m for m in messages if m["topic"].endswith("/light")]
+    return light
 
 
 def dome_harness() -> Harness:
@@ -1557,7 +1702,7 @@ def dome_harness() -> Harness:
         '#define ESP_LOGW(tag, ...) (std::cout << "warn" << std::endl)'
     )
     mqtt = h.config["mqtt"]
-    (light,) = mqtt["on_message"]
+    light = dome_state(h.config)
     (test,) = mqtt["on_json_message"]
     h.function("static void on_light(std::string x)", light["then"][0]["lambda"])
     h.function(
@@ -1573,7 +1718,7 @@ def test_call_station_reads_the_gateways_light_topics() -> None:
     config = by_name("call-station.yaml")
     subs = config["substitutions"]
     names = Topics(subs["site"], "gw")
-    (light,) = config["mqtt"]["on_message"]
+    light = dome_state(config)
     (test,) = config["mqtt"]["on_json_message"]
     assert substitute(light["topic"], subs) == names.device_light(subs["device_id"])
     assert substitute(test["topic"], subs) == names.device_test(subs["device_id"])
@@ -1612,10 +1757,15 @@ def test_call_station_dome_follows_the_gateway(tmp_path: Path) -> None:
         # 16-19: a press not yet sent flashes 0.25 s every 2 s while off.
         "press\tp1", "clock\t100000", "lamp", "clock\t100249", "lamp",
         "clock\t100250", "lamp", "clock\t101999", "lamp",
-        # 20-21: once the gateway says on, it is steady; handed over and off,
-        # it is dark. 22: an empty (cleared) retained state is off.
-        "light\ton", "lamp", "sent", "light\toff", "clock\t102000", "lamp",
-        "light\ton", "light\t", "lamp",
+        # 20-21: once the gateway says on, it is steady; handed over (the
+        # gateway online) and off, it is dark. 22: an empty (cleared)
+        # retained state is off.
+        "light\ton", "lamp", "gateway\tonline", "sent", "light\toff",
+        "clock\t102000", "lamp", "light\ton", "light\t", "lamp",
+        # 23-25: the gateway says offline: the press is held again and
+        # flashes; handed over once it is back, dark again.
+        "gateway\toffline", "clock\t104100", "lamp", "clock\t104300", "lamp",
+        "gateway\tonline", "sent", "clock\t106000", "lamp",
     ]  # fmt: skip
     out = h.run(tmp_path, DOME_MAIN, commands)
     lamp = [line for line in out if line != "warn"]
@@ -1627,7 +1777,8 @@ def test_call_station_dome_follows_the_gateway(tmp_path: Path) -> None:
     assert lamp[12:16] == ["1", "0", "1", "0"]
     assert lamp[16:20] == ["1", "1", "0", "0"]
     assert lamp[20:23] == ["1", "0", "0"]
-    assert len(lamp) == 23
+    assert lamp[23:26] == ["1", "0", "0"]
+    assert len(lamp) == 26
 
 
 # -- esphome itself, where it is installed ------------------------------------------

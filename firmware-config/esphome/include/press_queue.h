@@ -1,13 +1,23 @@
 // Presses a button device keeps in RAM until the broker has them.
 //
 // A button handler adds a press with its event id and time fixed at the
-// press. While the MQTT link is up, the device hands the oldest press not
-// yet handed over to the MQTT client, one after another, so the gateway
-// gets them in the order they were pressed.
+// press. While the MQTT link is up and the gateway says it listens, the
+// device hands the oldest press not yet handed over to the MQTT client, one
+// after another, so the gateway gets them in the order they were pressed.
+//
+// Why wait for the gateway: the broker keeps no sessions across a restart,
+// so a restarted broker acknowledges a press and hands it to nobody until
+// the gateway has reconnected and subscribed again. The gateway publishes
+// its retained status `online` only after subscribing, and a restarted
+// broker holds no status until then, so the device hands presses over only
+// after it has seen `online` since its own (re)connect. `offline` (the
+// gateway's will) and `trouble` (a gateway that cannot commit) hold the
+// queue.
 //
 // ESPHome does not tell a lambda when the broker acknowledged a QoS 1
-// publish, so a press handed over stays here until the link has stayed up
-// for kConfirmMs after it. A link that drops sooner may have lost it on the
+// publish, so a press handed over stays here until the link has stayed up,
+// with the gateway `online`, for kConfirmMs after it. A link that drops
+// sooner, or a gateway that stops saying `online`, may have lost it on the
 // way: every press handed over is then handed over again, with the same id,
 // and the gateway drops the copies it already has.
 //
@@ -58,8 +68,11 @@ template<size_t N> class PressQueue {
     count_++;
   }
 
-  // The oldest press not yet handed to the MQTT client, or nullptr.
+  // The oldest press not yet handed to the MQTT client, or nullptr; always
+  // nullptr while the gateway is not known to listen.
   Press *next() {
+    if (!gateway_online_)
+      return nullptr;
     for (size_t i = 0; i < count_; i++) {
       Press &press = at_(i);
       if (!press.sent)
@@ -84,10 +97,22 @@ template<size_t N> class PressQueue {
       pop_();
   }
 
-  // The link dropped: what was handed over may not have reached the broker.
+  // The link dropped: what was handed over may not have reached the broker,
+  // and a broker we reach again may have restarted without the gateway's
+  // subscription. Hold until its retained `online` comes again.
   void connection_lost() {
-    for (size_t i = 0; i < count_; i++)
-      at_(i).sent = false;
+    gateway_online_ = false;
+    take_back_();
+  }
+
+  // The gateway's retained status topic said `word`. Only `online` lets
+  // presses go; anything else (`offline`, `trouble`, an empty payload) holds
+  // them, and takes back those not yet confirmed, to go again under the
+  // same ids once the gateway is back.
+  void gateway_status(const std::string &word) {
+    gateway_online_ = word == "online";
+    if (!gateway_online_)
+      take_back_();
   }
 
   // Give presses made while the clock was unset their time, now it is set.
@@ -115,6 +140,11 @@ template<size_t N> class PressQueue {
  private:
   Press &at_(size_t i) { return slots_[(head_ + i) % N]; }
 
+  void take_back_() {
+    for (size_t i = 0; i < count_; i++)
+      at_(i).sent = false;
+  }
+
   void pop_() {
     slots_[head_] = Press();
     head_ = (head_ + 1) % N;
@@ -125,6 +155,7 @@ template<size_t N> class PressQueue {
   size_t head_ = 0;
   size_t count_ = 0;
   uint32_t dropped_ = 0;
+  bool gateway_online_ = false;
 };
 
 // Room for presses made while the link is down: a patient pressing every
