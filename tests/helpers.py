@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.broker import PrivateBroker, free_port
+from rules.alerts import Alert, AlertState
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ROOT / "main.py"
@@ -149,6 +150,32 @@ def event(device: str, kind: str = "call", event_id: str | None = None) -> dict:
         "device": device,
         "ts": time.time(),
     }
+
+
+def resolved_alert(n: int, at: float, version: int = 4) -> Alert:
+    """Patient call number ``n``, acknowledged and resolved from Ana's pager at ``at``.
+
+    The outbox tests write thousands of these, in order, and check that the
+    receiver gets each one once.
+    """
+    return Alert(
+        id=f"a{n:06d}",
+        rule="patient-call",
+        priority="routine",
+        device=f"call-{n % 4 + 1}",
+        room=f"room-{n % 4 + 1}",
+        zone="west",
+        event_id=f"e{n}",
+        opened_at=at - 95,
+        updated_at=at,
+        state=AlertState.RESOLVED,
+        version=version,
+        acked_at=at - 60,
+        acked_by="ana",
+        resolved_at=at,
+        resolved_by="ana",
+        resolved_via="pager",
+    )
 
 
 # -- MQTT test client ------------------------------------------------------------------

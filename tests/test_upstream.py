@@ -53,7 +53,7 @@ from gateway.upstream import (
 )
 from rules.alerts import Alert, AlertState, Change, Kudos
 from tests.conftest import attach_log
-from tests.helpers import query, wait_until
+from tests.helpers import query, resolved_alert, wait_until
 from tests.upstream_receiver import MqttReceiver, WebhookReceiver
 
 SECRET = "a-shared-secret-for-tests"  # noqa: S105 - a test fixture
@@ -107,25 +107,7 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 def resolved_body(n: int, at: float) -> str:
     """The outbox body of a resolved alert, as the store writes it."""
-    alert = Alert(
-        id=f"a{n:06d}",
-        rule="patient-call",
-        priority="routine",
-        device=f"call-{n % 4 + 1}",
-        room=f"room-{n % 4 + 1}",
-        zone="west",
-        event_id=f"e{n}",
-        opened_at=at - 95,
-        updated_at=at,
-        state=AlertState.RESOLVED,
-        version=4,
-        acked_at=at - 60,
-        acked_by="ana",
-        resolved_at=at,
-        resolved_by="ana",
-        resolved_via="pager",
-    )
-    return json.dumps(alert_record(alert))
+    return json.dumps(alert_record(resolved_alert(n, at)))
 
 
 def add_records(

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from gateway.store import Store
 from gateway.upstream import Sender, Webhook, WebhookSettings, connect
-from rules.alerts import Alert, AlertState, Change
+from rules.alerts import Change
+from tests.helpers import resolved_alert
 
 SECRET = "fault battery upstream secret"  # noqa: S105 - a test fixture
 SITE = "faults"
@@ -52,24 +53,7 @@ class SimClock:
 
 def resolved(n: int, at: float) -> Change:
     """Alert number ``n``, resolved from a pager at ``at``."""
-    alert = Alert(
-        id=f"a{n:06d}",
-        rule="patient-call",
-        priority="routine",
-        device=f"call-{n % 4 + 1}",
-        room=f"room-{n % 4 + 1}",
-        zone="west",
-        event_id=f"e{n}",
-        opened_at=at - 95,
-        updated_at=at,
-        state=AlertState.RESOLVED,
-        version=3,
-        acked_at=at - 60,
-        acked_by="ana",
-        resolved_at=at,
-        resolved_by="ana",
-        resolved_via="pager",
-    )
+    alert = resolved_alert(n, at, version=3)
     return Change(alert, "resolved", actor="ana", via="pager")
 
 
