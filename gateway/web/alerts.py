@@ -30,7 +30,7 @@ from gateway.web.auth import (
     Supervisor,
 )
 from gateway.web.live import LiveHub
-from gateway.web.pages import page
+from gateway.web.pages import gateway_of, page
 from rules.engine import EngineError, StationOnly, UnknownAlert, UnknownStaff
 
 if TYPE_CHECKING:
@@ -59,10 +59,6 @@ class SilenceForm(BaseModel):
         if (self.device is None) == (self.zone is None):
             raise ValueError("a silence covers exactly one device or one zone")
         return self
-
-
-def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
 
 
 def site_names(gateway: Gateway) -> dict[str, Any]:
@@ -132,14 +128,14 @@ async def alerts_page(who: Supervisor) -> Response:
 @router.get("/api/site")
 async def site(request: Request, who: Reader) -> dict[str, Any]:
     """Names for ids, so displays can say "Room 301", not "room-301"."""
-    return site_names(_gateway(request))
+    return site_names(gateway_of(request))
 
 
 @router.get("/api/alerts")
 async def open_alerts(request: Request, who: Reader) -> list[dict[str, Any]]:
     """Every unresolved alert, highest level first, then oldest."""
     alerts = sorted(
-        _gateway(request).engine.alerts, key=lambda a: (-a.level, a.opened_at)
+        gateway_of(request).engine.alerts, key=lambda a: (-a.level, a.opened_at)
     )
     return [alert_record(alert) for alert in alerts]
 
@@ -151,7 +147,7 @@ async def recent_alerts(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[dict[str, Any]]:
     """Open and closed alerts, the most recently changed first."""
-    return _gateway(request).store.recent_alerts(limit)
+    return gateway_of(request).store.recent_alerts(limit)
 
 
 @router.get("/api/alerts/{alert_id}")
@@ -159,7 +155,7 @@ async def alert_detail(
     alert_id: str, request: Request, who: Supervisor
 ) -> dict[str, Any]:
     """One alert with its timeline: opened, acknowledged, escalated, resolved."""
-    store = _gateway(request).store
+    store = gateway_of(request).store
     row = store.alert(alert_id)
     if row is None:
         raise HTTPException(404, f"no alert with id {alert_id!r}")
@@ -170,7 +166,7 @@ async def alert_detail(
 @router.get("/api/recognition")
 async def recognition(request: Request, who: Supervisor) -> dict[str, Any]:
     """Per person and team, today and this week: gaps closed, response, kudos."""
-    return await asyncio.to_thread(read_recognition, _gateway(request))
+    return await asyncio.to_thread(read_recognition, gateway_of(request))
 
 
 def read_recognition(gateway: Gateway) -> dict[str, Any]:
@@ -190,7 +186,7 @@ async def floor_stream(request: Request, who: Reader) -> AsyncIterable[ServerSen
     """Server-Sent Events: a ``snapshot`` of unresolved alerts, then each ``alert``
     change (with its ``change`` kind) as soon as it is committed."""
     hub: LiveHub = request.app.state.hub
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     stream = hub.open()
     try:
         body = {
@@ -220,7 +216,7 @@ async def acknowledge(
             "names who is on the way; a technician links it on the Accounts page",
         )
     return await run_command(
-        _gateway(request), "ack", alert_id, staff=who.staff, via="web"
+        gateway_of(request), "ack", alert_id, staff=who.staff, via="web"
     )
 
 
@@ -228,7 +224,7 @@ async def acknowledge(
 async def resolve(alert_id: str, request: Request, who: Supervisor) -> dict[str, Any]:
     """Close the alert. Emergency and code calls refuse: only their station cancels."""
     return await run_command(
-        _gateway(request), "resolve", alert_id, staff=who.staff, via="web"
+        gateway_of(request), "resolve", alert_id, staff=who.staff, via="web"
     )
 
 
@@ -243,7 +239,7 @@ async def silences(request: Request, who: Supervisor) -> list[dict[str, Any]]:
             "reason": s.reason,
             "by": s.by,
         }
-        for s in _gateway(request).engine.silences
+        for s in gateway_of(request).engine.silences
     ]
 
 
@@ -254,7 +250,7 @@ async def silence(
     """Hold back pages for one device or zone for some minutes, with a reason.
 
     Emergency and code calls are never held back."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     done = await run_command(
         gateway,
         "silence",
@@ -277,7 +273,7 @@ async def silence(
 async def unsilence(
     silence_id: str, request: Request, who: Supervisor
 ) -> dict[str, Any]:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     if silence_id not in {s.id for s in gateway.engine.silences}:
         raise HTTPException(404, f"no active silence {silence_id!r}")
     done = await run_command(gateway, "unsilence", silence_id)

@@ -29,7 +29,7 @@ from gateway.web.auth import (
     Supervisor,
     Technician,
 )
-from gateway.web.pages import page
+from gateway.web.pages import gateway_of, page
 
 if TYPE_CHECKING:
     from gateway.service import Gateway
@@ -40,10 +40,6 @@ router = APIRouter(tags=["devices"])
 
 TEST_SECONDS = 5.0
 """How long a test lights a dome: long enough to walk to the door and look."""
-
-
-def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
 
 
 # -- pages -------------------------------------------------------------------------
@@ -73,7 +69,7 @@ async def recognition_page(request: Request, who: Reader) -> Response:
 @router.get("/api/devices")
 async def device_list(request: Request, who: Supervisor) -> dict[str, Any]:
     """Every driver and device, the staff pagers, badges and the gateway's health."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     now = time.time()
     return {
         "now": now,
@@ -94,7 +90,7 @@ async def recognition_board(request: Request, who: Reader) -> dict[str, Any]:
     """Per person and team, today and this week; opted-out people not named.
 
     Wall displays may read it; it is the only recognition they see."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     body = await asyncio.to_thread(read_recognition, gateway)
     names = site_names(gateway)
     hidden = recognition.opted_out(gateway.config.staff)
@@ -112,7 +108,7 @@ async def device_test(
 ) -> dict[str, Any]:
     """Light a call station's dome for a few seconds: its GPIO light, or the
     ``devices/<id>/test`` command an ESPHome station reads. No alert opens."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     if device_id not in {d.id for d in gateway.config.devices}:
         raise HTTPException(404, f"no device {device_id!r} in the site file")
     kind = devices.how_to_test(gateway, device_id)
@@ -142,7 +138,7 @@ async def pager_test(
     staff_id: str, request: Request, who: Technician
 ) -> dict[str, Any]:
     """Send a page marked as a test to one person's pager topic; no alert opens."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     member = next((m for m in gateway.config.staff if m.id == staff_id), None)
     if member is None:
         raise HTTPException(404, f"no staff member {staff_id!r} in the site file")

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from fastapi import Request
 from fastapi.responses import HTMLResponse
+
+if TYPE_CHECKING:
+    from gateway.service import Gateway
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
@@ -32,3 +37,8 @@ def _text(name: str) -> str:
 
 def page(name: str) -> HTMLResponse:
     return HTMLResponse(_text(name), headers=HEADERS)
+
+
+def gateway_of(request: Request) -> Gateway:
+    """The gateway whose pages these are (set by ``create_app``)."""
+    return request.app.state.gateway

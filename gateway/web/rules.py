@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from gateway import audit, dryrun, rulesets
 from gateway.rulesets import MAX_RULES, RuleSetConflict
 from gateway.web.auth import Principal, Supervisor, Technician
-from gateway.web.pages import page
+from gateway.web.pages import gateway_of, page
 from rules.schema import parse_rules
 
 if TYPE_CHECKING:
@@ -63,10 +63,6 @@ class DryRunForm(BaseModel):
     hours: float = Field(24.0, gt=0, le=dryrun.MAX_HOURS)
 
 
-def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
-
-
 # -- the page ------------------------------------------------------------------------
 
 
@@ -81,7 +77,7 @@ async def rules_page(who: Technician) -> Response:
 @router.get("/api/rules")
 async def running_rules(request: Request, who: Supervisor) -> dict[str, Any]:
     """The running version and its rules, each with its YAML for the editor."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     version = _version(gateway, gateway.rules_version)
     return {
         "version": _meta(version),
@@ -91,7 +87,7 @@ async def running_rules(request: Request, who: Supervisor) -> dict[str, Any]:
 
 @router.get("/api/rules/{name}")
 async def one_rule(name: str, request: Request, who: Supervisor) -> dict[str, Any]:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     version = _version(gateway, gateway.rules_version)
     for rule in version["rules"]:
         if rule.get("name") == name:
@@ -106,7 +102,7 @@ async def versions(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> dict[str, Any]:
     """Every version, newest first; ``running`` is the one in force."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     return {
         "running": gateway.rules_version,
         "versions": gateway.rule_versions.versions(limit),
@@ -116,7 +112,7 @@ async def versions(
 @router.get("/api/ruleset/versions/{number}")
 async def version(number: int, request: Request, who: Supervisor) -> dict[str, Any]:
     """One version as it was saved: its rules, who, when and why."""
-    found = _version(_gateway(request), number)
+    found = _version(gateway_of(request), number)
     return {**_meta(found), "rules": [_view(rule) for rule in found["rules"]]}
 
 
@@ -127,7 +123,7 @@ async def audit_log(
     limit: Annotated[int, Query(ge=1, le=audit.MAX_ROWS)] = 100,
 ) -> list[dict[str, Any]]:
     """Who changed rules and silences, newest first."""
-    return audit.recent(_gateway(request).store.db, limit)
+    return audit.recent(gateway_of(request).store.db, limit)
 
 
 # -- checking ------------------------------------------------------------------------
@@ -138,14 +134,14 @@ async def validate(
     form: RuleSetForm, request: Request, who: Technician
 ) -> dict[str, Any]:
     """Check a proposed rule set; each problem names its rule, field and line."""
-    _, _, problems = rulesets.check(_gateway(request).config, form.rules)
+    _, _, problems = rulesets.check(gateway_of(request).config, form.rules)
     return {"ok": not problems, "problems": problems}
 
 
 @router.post("/api/ruleset/dry-run")
 async def dry_run(form: DryRunForm, request: Request, who: Technician) -> Any:
     """What the running and the proposed rules would have raised on recorded events."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     proposed, _, problems = rulesets.check(gateway.config, form.rules)
     if problems:
         return _refused(problems)
@@ -174,7 +170,7 @@ def _dry_run(
 @router.put("/api/ruleset")
 async def save(form: RuleSetForm, request: Request, who: Technician) -> Any:
     """Save the rule set as a new version; it runs at once."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     rules, content, problems = rulesets.check(gateway.config, form.rules)
     if problems:
         return _refused(problems)
@@ -188,7 +184,7 @@ async def enable(
     name: str, form: EnabledForm, request: Request, who: Technician
 ) -> Any:
     """Switch one rule on or off: a new version with only that changed."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     current = _version(gateway, gateway.rules_version)
     content = [dict(rule) for rule in current["rules"]]
     found = [rule for rule in content if rule.get("name") == name]
@@ -211,7 +207,7 @@ async def rollback(
     number: int, form: RollbackForm, request: Request, who: Technician
 ) -> Any:
     """Run version ``number`` again, as a new version with the same rules."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     old = _version(gateway, number)
     rules, content, problems = rulesets.check(gateway.config, old["rules"])
     if problems:
