@@ -935,15 +935,22 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def stop_cleanly_on_signals() -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt, so brokers and peers stop.
+
+    Both are set explicitly: a shell starting us in the background ignores
+    SIGINT, and then Python would never raise KeyboardInterrupt.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    # Set both explicitly: a shell starting us in the background ignores
-    # SIGINT, and then Python would never raise KeyboardInterrupt.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_cleanly_on_signals()
 
     per_pair = 2 * (args.duration + 4)
     log.info(

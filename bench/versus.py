@@ -1627,18 +1627,12 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {"machine": info, **found}
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM takes the same way out as Ctrl-C, so every finally runs.
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
+    latency.stop_cleanly_on_signals()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     out = args.out or REPO / "bench" / "results" / f"versus-{started_at[:10]}.json"
     began = time.monotonic()
