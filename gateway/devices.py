@@ -41,6 +41,11 @@ BATTERY_READINGS = frozenset({"battery", "battery_level"})
 
 _DEVICE_IN_TOPIC = re.compile(r"/devices/([^/]+)/")
 
+MAX_REFUSING = 1000
+"""Device ids refusals are counted for. Messages may name ids the site does not
+have; past this many, only the ``/metrics`` totals count them, so a flood of
+invented ids cannot grow the gateway's memory."""
+
 _LAST_SEEN = (
     "SELECT device, MAX(received_at) FROM events "
     "WHERE received_at >= ? AND type != ? GROUP BY device"
@@ -85,6 +90,8 @@ class DeviceBook:
         device = found.group(1) if found else source
         if "/" in device:
             return  # a command topic, not a device's
+        if device not in self.refusals and len(self.refusals) >= MAX_REFUSING:
+            return
         self.refusals.setdefault(device, Counter())[reason] += 1
 
 

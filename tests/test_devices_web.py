@@ -24,6 +24,7 @@ from gpiozero.pins.mock import MockFactory
 from drivers.gpio import GPIODriver
 from gateway.broker import PrivateBroker, free_port
 from gateway.config import load_config
+from gateway.devices import MAX_REFUSING, DeviceBook
 from gateway.service import Gateway
 from gateway.web.server import WebServer
 from tests.helpers import WAIT, SiteTopics, event, query, wait_until, write_site
@@ -351,3 +352,15 @@ def test_a_driver_that_cannot_start_shows_retrying(gpio_web, topics):
     finally:
         squatter.close()
         factory.close()
+
+
+def test_refusals_are_counted_for_a_bounded_number_of_device_ids():
+    """Invented device ids cannot grow the book without end; known ones still count."""
+    book = DeviceBook()
+    for n in range(MAX_REFUSING + 50):
+        book.refused(f"facility/s/devices/made-up-{n}/events", "unknown_device")
+    book.refused("facility/s/devices/made-up-0/events", "malformed_json")
+
+    assert len(book.refusals) == MAX_REFUSING
+    assert book.refusals["made-up-0"] == {"unknown_device": 1, "malformed_json": 1}
+    assert f"made-up-{MAX_REFUSING}" not in book.refusals
